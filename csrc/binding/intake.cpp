@@ -1,0 +1,346 @@
+#include "binding/intake.h"
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <unordered_map>
+
+#include "binding/dlpack_abi.h"
+#include "core/layout.h"
+
+namespace py = pybind11;
+
+namespace gradclip::binding {
+namespace {
+
+// What we know about a Python type's DLPack C exchange API, cached per type.
+struct TypeInfo {
+  const dlpack::ExchangeApi* api = nullptr;
+  bool has_is_neg = false;  // torch tensors can carry a lazy negation bit
+};
+
+// Set GRADCLIP_NO_EXCHANGE_API=1 to force the __dlpack__ path (what torch
+// older than 2.10 takes); the tests use it to cover that path.
+bool exchange_api_disabled() {
+  static const bool disabled = [] {
+    const char* v = std::getenv("GRADCLIP_NO_EXCHANGE_API");
+    return v && *v && std::strcmp(v, "0") != 0;
+  }();
+  return disabled;
+}
+
+const TypeInfo& type_info(PyTypeObject* type) {
+  static std::unordered_map<PyTypeObject*, TypeInfo> cache;
+  auto it = cache.find(type);
+  if (it != cache.end()) return it->second;
+  TypeInfo info;
+  if (!exchange_api_disabled()) {
+    for (const char* attr : {"__dlpack_c_exchange_api__", "__c_dlpack_exchange_api__"}) {
+      PyObject* cap = PyObject_GetAttrString(reinterpret_cast<PyObject*>(type), attr);
+      if (!cap) {
+        PyErr_Clear();
+        continue;
+      }
+      auto* api = static_cast<const dlpack::ExchangeApi*>(PyCapsule_GetPointer(cap, "dlpack_exchange_api"));
+      Py_DECREF(cap);  // the producer owns the struct for the life of the process
+      if (!api) {
+        PyErr_Clear();
+        continue;
+      }
+      if (api->header.version.major == 1) {
+        info.api = api;
+        // Cached by address: keep the type alive so the address is never reused.
+        Py_INCREF(reinterpret_cast<PyObject*>(type));
+        break;
+      }
+    }
+  }
+  if (info.api) {
+    info.has_is_neg = PyObject_HasAttrString(reinterpret_cast<PyObject*>(type), "is_neg");
+  }
+  return cache.emplace(type, info).first->second;
+}
+
+std::string python_error_text() {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  std::string text = "unknown error";
+  if (value) {
+    if (PyObject* s = PyObject_Str(value)) {
+      if (const char* c = PyUnicode_AsUTF8(s)) text = c;
+      Py_DECREF(s);
+    }
+  }
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(tb);
+  PyErr_Clear();
+  return text;
+}
+
+std::string type_name(PyObject* obj) { return Py_TYPE(obj)->tp_name; }
+
+// One element as the intake sees it, whatever protocol produced it.
+struct RawTensor {
+  void* data;
+  dlpack::Device device;
+  int ndim;
+  dlpack::DataType dtype;
+  const int64_t* shape;
+  const int64_t* strides;  // elements; may be null
+  bool read_only;
+};
+
+std::string dtype_text(dlpack::DataType t) {
+  const char* kind = "unknown-kind ";
+  switch (t.code) {
+    case dlpack::kInt: kind = "int"; break;
+    case dlpack::kUInt: kind = "uint"; break;
+    case dlpack::kFloat: kind = "float"; break;
+    case dlpack::kBfloat: kind = "bfloat"; break;
+    case dlpack::kComplex: kind = "complex"; break;
+    case dlpack::kBool: return "bool";
+    default: break;
+  }
+  std::string s = kind + std::to_string(t.bits);
+  if (t.lanes != 1) s += "x" + std::to_string(t.lanes);
+  return s;
+}
+
+constexpr const char* kAccepted = "gradclip takes float16, bfloat16, float32 or float64";
+
+}  // namespace
+
+std::string item_label(const IntakeOptions& options, int64_t index) {
+  std::string s = std::string(options.argname) + "[" + std::to_string(index) + "]";
+  if (options.grad_attr) s += ".grad";
+  return s;
+}
+
+Intake::Intake(PyObject* sequence, const IntakeOptions& options) {
+  fast_ = PySequence_Fast(sequence, "");
+  if (!fast_) {
+    PyErr_Clear();
+    throw py::type_error(std::string(options.argname) + ": expected a sequence of tensors or arrays, got " +
+                         type_name(sequence));
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast_);
+  if (n > INT32_MAX) throw py::value_error(std::string(options.argname) + ": too many tensors");
+  PyObject** items = PySequence_Fast_ITEMS(fast_);
+  spans.reserve(n);
+  span_of_entry.reserve(n);
+  list_index_of_entry.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) take(items[i], static_cast<int32_t>(i), options);
+  deduplicate(options);
+}
+
+Intake::~Intake() {
+  for (Py_buffer& b : buffers_) PyBuffer_Release(&b);
+  for (PyObject* o : owned_) Py_DECREF(o);
+  Py_XDECREF(fast_);
+}
+
+void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& options) {
+  auto fail_type = [&](const std::string& why) { throw py::type_error(item_label(options, list_index) + ": " + why); };
+  auto fail_value = [&](const std::string& why) { throw py::value_error(item_label(options, list_index) + ": " + why); };
+
+  PyObject* obj = item;
+  if (options.grad_attr) {
+    static PyObject* grad_name = PyUnicode_InternFromString("grad");
+    obj = PyObject_GetAttr(item, grad_name);
+    if (!obj) {
+      PyErr_Clear();
+      throw py::type_error(std::string(options.argname) + "[" + std::to_string(list_index) + "]: " +
+                           type_name(item) + " has no .grad attribute; expected a tensor or parameter");
+    }
+    if (obj == Py_None) {
+      Py_DECREF(obj);
+      return;  // like torch: parameters without a gradient are skipped
+    }
+    owned_.push_back(obj);
+  } else if (obj == Py_None) {
+    fail_type("is None; expected a tensor or array");
+  }
+
+  RawTensor raw{};
+  uint64_t byte_offset = 0;
+  const TypeInfo& info = type_info(Py_TYPE(obj));
+  if (info.api) {
+    // Fast path (~60 ns): a non-owning view, valid while `obj` is alive.
+    dlpack::Tensor t;
+    if (info.api->dltensor_from_py_object_no_sync(obj, &t) != 0)
+      fail_value("cannot be read through DLPack (" + python_error_text() + ")");
+    if (t.dtype.code == dlpack::kComplex) fail_type("complex tensors are not supported; " + std::string(kAccepted));
+    if (info.has_is_neg) {
+      static PyObject* is_neg_name = PyUnicode_InternFromString("is_neg");
+      PyObject* r = PyObject_CallMethodNoArgs(obj, is_neg_name);
+      if (!r) fail_value("is_neg() failed (" + python_error_text() + ")");
+      const bool neg = r == Py_True;
+      Py_DECREF(r);
+      if (neg) fail_value("has the negative bit set (a lazily negated view); call .resolve_neg() first");
+    }
+    raw = {t.data, t.device, t.ndim, t.dtype, t.shape, t.strides, false};
+    byte_offset = t.byte_offset;
+  } else if (PyObject_CheckBuffer(obj)) {
+    // NumPy and other buffer exporters (~46 ns).
+    Py_buffer view;
+    const int flags = PyBUF_STRIDES | PyBUF_FORMAT | (options.access == Access::kWrite ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, &view, flags) != 0) {
+      const std::string why = python_error_text();
+      if (options.access == Access::kWrite && PyObject_GetBuffer(obj, &view, PyBUF_STRIDES | PyBUF_FORMAT) == 0) {
+        PyBuffer_Release(&view);
+        fail_value("array is read-only; it cannot be modified in place");
+      }
+      PyErr_Clear();
+      fail_value("cannot be read through the buffer protocol (" + why + ")");
+    }
+    buffers_.push_back(view);
+    Py_buffer& v = buffers_.back();
+    const char* fmt = v.format ? v.format : "B";
+    if (*fmt == '<' || *fmt == '=' || *fmt == '@') ++fmt;
+    // '<' is little-endian, the only order this (x86/ARM little-endian) build runs on.
+    dlpack::DataType dt{dlpack::kOpaque, static_cast<uint8_t>(8 * v.itemsize), 1};
+    if (std::strcmp(fmt, "f") == 0 || std::strcmp(fmt, "d") == 0 || std::strcmp(fmt, "e") == 0) dt.code = dlpack::kFloat;
+    else if (std::strcmp(fmt, "?") == 0) dt.code = dlpack::kBool;
+    else if (std::strchr("bhilq", *fmt) && fmt[1] == '\0') dt.code = dlpack::kInt;
+    else if (std::strchr("BHILQ", *fmt) && fmt[1] == '\0') dt.code = dlpack::kUInt;
+    else if (*fmt == 'Z') dt.code = dlpack::kComplex;
+    if (dt.code != dlpack::kFloat)
+      fail_type("array of buffer format '" + std::string(v.format ? v.format : "B") + "' (" + dtype_text(dt) +
+                ") cannot be clipped; " + kAccepted);
+    // Buffer strides are in bytes; DLPack's (and ours) in elements.
+    owned_strides_.emplace_back(v.ndim);
+    std::vector<int64_t>& es = owned_strides_.back();
+    for (int d = 0; d < v.ndim; ++d) {
+      if (v.strides[d] % v.itemsize != 0) fail_value("byte strides that are not a multiple of the element size");
+      es[d] = v.strides[d] / v.itemsize;
+    }
+    static_assert(sizeof(Py_ssize_t) == sizeof(int64_t), "shape arrays are reinterpreted");
+    raw = {v.buf, {dlpack::kCPU, 0}, v.ndim, dt, reinterpret_cast<const int64_t*>(v.shape), es.data(), false};
+  } else {
+    // Any other DLPack producer, through the versioned capsule protocol (~3 us).
+    static PyObject* dlpack_name = PyUnicode_InternFromString("__dlpack__");
+    PyObject* method = PyObject_GetAttr(obj, dlpack_name);
+    if (!method) {
+      PyErr_Clear();
+      fail_type(type_name(obj) + " is not a tensor or array (no DLPack or buffer protocol)");
+    }
+    PyObject* kwargs = Py_BuildValue("{s:(ii)}", "max_version", 1, 0);
+    PyObject* empty = PyTuple_New(0);
+    PyObject* cap = PyObject_Call(method, empty, kwargs);
+    if (!cap && PyErr_ExceptionMatches(PyExc_TypeError)) {  // a producer without max_version
+      PyErr_Clear();
+      cap = PyObject_Call(method, empty, nullptr);
+    }
+    Py_DECREF(kwargs);
+    Py_DECREF(empty);
+    Py_DECREF(method);
+    if (!cap) fail_value("__dlpack__() failed (" + python_error_text() + ")");
+    owned_.push_back(cap);  // its destructor calls the producer's deleter
+    if (auto* m = static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"))) {
+      if (m->version.major != 1) fail_value("unsupported DLPack major version " + std::to_string(m->version.major));
+      const dlpack::Tensor& t = m->dl_tensor;
+      raw = {t.data, t.device, t.ndim, t.dtype, t.shape, t.strides, (m->flags & dlpack::kFlagReadOnly) != 0};
+      byte_offset = t.byte_offset;
+    } else {
+      PyErr_Clear();
+      auto* legacy = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+      if (!legacy) fail_value("__dlpack__() returned something other than a DLPack capsule");
+      const dlpack::Tensor& t = legacy->dl_tensor;
+      raw = {t.data, t.device, t.ndim, t.dtype, t.shape, t.strides, false};
+      byte_offset = t.byte_offset;
+    }
+  }
+
+  // ---- rules shared by every protocol ----
+  if (options.access == Access::kWrite && raw.read_only) fail_value("is read-only; it cannot be modified in place");
+  const int32_t dev = raw.device.device_type;
+  if (dev != dlpack::kCPU && dev != dlpack::kCUDAHost) {
+    if (dev == dlpack::kCUDA || dev == dlpack::kCUDAManaged)
+      fail_value("is on a CUDA device; this build of gradclip has no CUDA backend yet, so only CPU memory is accepted");
+    fail_value("is on an unsupported device (DLPack device type " + std::to_string(dev) + ")");
+  }
+  DType dtype;
+  const dlpack::DataType dt = raw.dtype;
+  if (dt.lanes != 1) fail_type(dtype_text(dt) + " (vector lanes) cannot be clipped; " + kAccepted);
+  if (dt.code == dlpack::kFloat && dt.bits == 32) dtype = DType::kF32;
+  else if (dt.code == dlpack::kFloat && dt.bits == 64) dtype = DType::kF64;
+  else if (dt.code == dlpack::kFloat && dt.bits == 16) dtype = DType::kF16;
+  else if (dt.code == dlpack::kBfloat && dt.bits == 16) dtype = DType::kBF16;
+  else fail_type(dtype_text(dt) + " data cannot be clipped; " + kAccepted);
+
+  const Layout layout = analyse_layout(raw.ndim, raw.shape, raw.strides);
+  if (!layout.dense)
+    fail_value("is strided with gaps or overlaps (not one dense block of memory); pass a contiguous copy "
+               "(e.g. .contiguous() / np.ascontiguousarray) and clip that");
+  const int64_t itemsize = element_size(dtype);
+  char* base = static_cast<char*>(raw.data) + byte_offset + layout.lowest_offset * itemsize;
+  if (layout.numel > 0 && reinterpret_cast<uintptr_t>(base) % itemsize != 0)
+    fail_value("data is not aligned to its " + std::to_string(itemsize) + "-byte element size");
+
+  dtype_mask |= 1u << int(dtype);
+  span_of_entry.push_back(-1);  // assigned by deduplicate()
+  list_index_of_entry.push_back(list_index);
+  spans.push_back({layout.numel > 0 ? base : nullptr, layout.numel, dtype});
+}
+
+void Intake::deduplicate(const IntakeOptions& options) {
+  // Until here spans[e] belongs to entry e. Sort the non-empty ones by address
+  // to find repeats (same memory, same dtype) and partial overlaps.
+  struct Range { uintptr_t begin, end; int32_t entry; };
+  std::vector<Range> ranges;
+  ranges.reserve(spans.size());
+  for (size_t e = 0; e < spans.size(); ++e) {
+    if (spans[e].numel == 0) continue;
+    const uintptr_t b = reinterpret_cast<uintptr_t>(spans[e].data);
+    ranges.push_back({b, b + uintptr_t(spans[e].numel * element_size(spans[e].dtype)), int32_t(e)});
+  }
+  auto by_address = [](const Range& a, const Range& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end != b.end ? a.end < b.end : a.entry < b.entry;
+  };
+  if (!std::is_sorted(ranges.begin(), ranges.end(), by_address)) std::sort(ranges.begin(), ranges.end(), by_address);
+
+  std::vector<int32_t> alias_of(spans.size(), -1);  // entry -> earlier entry with the same memory
+  uintptr_t reach = 0;                              // furthest end so far
+  int32_t reach_entry = -1;
+  for (size_t r = 0; r < ranges.size(); ++r) {
+    const Range& cur = ranges[r];
+    if (r > 0) {
+      const Range& prev = ranges[r - 1];
+      if (cur.begin == prev.begin && cur.end == prev.end &&
+          spans[cur.entry].dtype == spans[prev.entry].dtype) {
+        alias_of[cur.entry] = alias_of[prev.entry] >= 0 ? alias_of[prev.entry] : prev.entry;
+        continue;
+      }
+      if (cur.begin < reach) {
+        const int32_t a = std::min(reach_entry, cur.entry), b = std::max(reach_entry, cur.entry);
+        throw py::value_error(item_label(options, list_index_of_entry[b]) + ": overlaps the memory of " +
+                              item_label(options, list_index_of_entry[a]) +
+                              " without being the same tensor; partially overlapping inputs would be "
+                              "counted and scaled twice in part");
+      }
+    }
+    if (cur.end > reach) {
+      reach = cur.end;
+      reach_entry = cur.entry;
+    }
+  }
+
+  // Unique spans in list order, so the summation order never depends on addresses.
+  std::vector<Span> unique;
+  unique.reserve(spans.size());
+  for (size_t e = 0; e < spans.size(); ++e) {
+    if (alias_of[e] >= 0) {
+      span_of_entry[e] = span_of_entry[alias_of[e]];
+    } else {
+      span_of_entry[e] = static_cast<int32_t>(unique.size());
+      unique.push_back(spans[e]);
+    }
+  }
+  spans.swap(unique);
+}
+
+}  // namespace gradclip::binding

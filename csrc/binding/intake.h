@@ -1,0 +1,52 @@
+// Turns the caller's Python sequence into validated dense spans, in one pass of
+// raw CPython calls. Every rule is checked for every element before any kernel
+// runs, so a refused call leaves all inputs untouched.
+#pragma once
+
+#include <Python.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/types.h"
+
+namespace gradclip::binding {
+
+enum class Access { kRead, kWrite };
+
+struct IntakeOptions {
+  const char* argname;  // used in error messages: "<argname>[<i>]"
+  bool grad_attr;       // read item.grad and skip items whose .grad is None (torch's parameters)
+  Access access;
+};
+
+class Intake {
+ public:
+  Intake(PyObject* sequence, const IntakeOptions& options);
+  ~Intake();
+  Intake(const Intake&) = delete;
+  Intake& operator=(const Intake&) = delete;
+
+  // Unique spans, in order of first appearance in the list. The same memory
+  // given twice is one span: counted once, scaled once.
+  std::vector<Span> spans;
+  // One per accepted element (None grads are skipped), in list order.
+  std::vector<int32_t> span_of_entry;
+  std::vector<int32_t> list_index_of_entry;
+  uint32_t dtype_mask = 0;  // bit (1 << DType) for each dtype seen
+
+ private:
+  void take(PyObject* item, int32_t list_index, const IntakeOptions& options);
+  void deduplicate(const IntakeOptions& options);
+
+  PyObject* fast_ = nullptr;          // the sequence as a list/tuple (owned)
+  std::vector<PyObject*> owned_;      // grads and DLPack capsules kept alive until the kernels are done
+  std::vector<Py_buffer> buffers_;    // buffer-protocol views to release
+  std::vector<std::vector<int64_t>> owned_strides_;  // element strides of buffer views
+};
+
+// Label used in messages, e.g. "parameters[3].grad".
+std::string item_label(const IntakeOptions& options, int64_t index);
+
+}  // namespace gradclip::binding

@@ -1,0 +1,35 @@
+// A small fixed pool of std::threads. gradclip links no OpenMP runtime: torch's
+// CPU wheel ships its own, and two in one process fight over the cores.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace gradclip {
+
+class ThreadPool {
+ public:
+  // The process-wide pool. After fork() the child gets a fresh one (the parent's
+  // worker threads do not exist there).
+  static ThreadPool& instance();
+
+  int num_threads() const { return num_threads_; }
+  // n <= 0 means "all hardware threads". Takes effect for the next run().
+  void set_num_threads(int n);
+
+  // Calls task(i) for every i in [0, n_tasks), spread over the pool and the
+  // calling thread; returns when all are done. Which thread runs which task is
+  // not fixed, so callers must write results to per-task slots.
+  void run(int64_t n_tasks, const std::function<void(int64_t)>& task);
+
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+ private:
+  ThreadPool();
+  struct State;
+  State* state_;  // never freed: worker threads may outlive static destruction
+  int num_threads_;
+};
+
+}  // namespace gradclip

@@ -1,0 +1,150 @@
+// Kernel bodies written once and compiled once per instruction set.
+//
+// Included by each isa_*.cpp inside its own namespace, after that file has
+// defined its vector policy:
+//   F64v  16 float64 lanes    F32v  16 float32 lanes
+//   load_f64(const T*)  for T in float, double, f16_t, bf16_t (16 elements, widened)
+//   add, mul, abs_v, max_v, zero_f64, unordered_or, store_lanes   (on F64v)
+//   load_c / store_c:   16 elements as their compute type (F32v, or F64v for double)
+//   mul_c(V, s), clamp_c(V, lo, hi), outside_c(V, lo, hi)
+// Everything here has internal linkage (the includer wraps it in an anonymous
+// namespace): an inline function compiled with AVX-512 flags must never be merged
+// with, and then called in place of, the baseline copy.
+
+template <class T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+
+static inline double to_double(float v) { return v; }
+static inline double to_double(double v) { return v; }
+static inline double to_double(f16_t v) { return f16_to_float(v.bits); }
+static inline double to_double(bf16_t v) { return bf16_to_float(v.bits); }
+
+static inline float to_compute(float v) { return v; }
+static inline double to_compute(double v) { return v; }
+static inline float to_compute(f16_t v) { return f16_to_float(v.bits); }
+static inline float to_compute(bf16_t v) { return bf16_to_float(v.bits); }
+
+static inline void from_compute(float v, float* out) { *out = v; }
+static inline void from_compute(double v, double* out) { *out = v; }
+static inline void from_compute(float v, f16_t* out) { out->bits = float_to_f16(v); }
+static inline void from_compute(float v, bf16_t* out) { out->bits = float_to_bf16(v); }
+
+// ---- reductions (see the lane contract in isa_kernels.h) ----
+
+struct SquareOp {
+  static F64v step(F64v acc, F64v v) { return add(acc, mul(v, v)); }
+  static double scalar(double acc, double v) { return acc + v * v; }
+};
+struct AbsOp {
+  static F64v step(F64v acc, F64v v) { return add(acc, abs_v(v)); }
+  static double scalar(double acc, double v) { return acc + (v < 0 ? -v : v); }
+};
+
+template <class T, class Op>
+static double reduce_sum(const void* data, int64_t n) {
+  const T* x = static_cast<const T*>(data);
+  F64v acc = zero_f64();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = Op::step(acc, load_f64(x + i));
+  alignas(64) double lanes[kLanes];
+  store_lanes(lanes, acc);
+  for (int k = 0; i < n; ++i, ++k) lanes[k] = Op::scalar(lanes[k], to_double(x[i]));
+  return fold_sum(lanes);
+}
+
+template <class T>
+static double reduce_max_abs(const void* data, int64_t n) {
+  const T* x = static_cast<const T*>(data);
+  F64v acc = zero_f64();
+  F64v nan_seen = zero_f64();  // all-ones lanes where a NaN was loaded
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const F64v v = load_f64(x + i);
+    acc = max_v(acc, abs_v(v));
+    nan_seen = unordered_or(nan_seen, v);
+  }
+  alignas(64) double lanes[kLanes];
+  alignas(64) double nans[kLanes];
+  store_lanes(lanes, acc);
+  store_lanes(nans, nan_seen);
+  double result = 0.0;
+  bool any_nan = false;
+  for (int k = 0; k < kLanes; ++k) {
+    uint64_t bits;
+    std::memcpy(&bits, &nans[k], 8);
+    any_nan |= bits != 0;
+    result = nan_max(result, lanes[k]);
+  }
+  for (; i < n; ++i) {
+    const double v = to_double(x[i]);
+    result = nan_max(result, v < 0 ? -v : v);
+  }
+  return any_nan ? __builtin_nan("") : result;
+}
+
+// ---- elementwise in-place updates ----
+
+template <class T>
+static void scale_block(void* data, int64_t n, double coef) {
+  using C = typename Compute<T>::type;
+  T* x = static_cast<T*>(data);
+  const C c = static_cast<C>(coef);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store_c(x + i, mul_c(load_c(x + i), c));
+  for (; i < n; ++i) from_compute(static_cast<C>(to_compute(x[i]) * c), x + i);
+}
+
+// Clamp bounds must already be representable in T (the caller rounds them), so
+// a clamped element is written back exactly. A block of 16 is stored only when
+// one of its elements changes: clipping nothing costs one read pass.
+template <class T>
+static bool clamp_block(void* data, int64_t n, double lo_d, double hi_d) {
+  using C = typename Compute<T>::type;
+  T* x = static_cast<T*>(data);
+  const C lo = static_cast<C>(lo_d), hi = static_cast<C>(hi_d);
+  bool changed = false;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const auto v = load_c(x + i);
+    if (outside_c(v, lo, hi)) {
+      store_c(x + i, clamp_c(v, lo, hi));
+      changed = true;
+    }
+  }
+  for (; i < n; ++i) {
+    const C v = to_compute(x[i]);
+    if (v < lo) { from_compute(lo, x + i); changed = true; }
+    else if (v > hi) { from_compute(hi, x + i); changed = true; }
+  }
+  return changed;
+}
+
+template <class T>
+static constexpr int dtype_index() {
+  if constexpr (sizeof(T) == 8) return int(DType::kF64);
+  else if constexpr (sizeof(T) == 4) return int(DType::kF32);
+  else if constexpr (std::is_same_v<T, f16_t>) return int(DType::kF16);
+  else return int(DType::kBF16);
+}
+
+template <class T>
+static constexpr void fill_entry(IsaKernels& k) {
+  constexpr int d = dtype_index<T>();
+  k.sum_squares[d] = &reduce_sum<T, SquareOp>;
+  k.sum_abs[d] = &reduce_sum<T, AbsOp>;
+  k.max_abs[d] = &reduce_max_abs<T>;
+  k.scale[d] = &scale_block<T>;
+  k.clamp[d] = &clamp_block<T>;
+}
+
+// constexpr: the table is built at compile time, so no code compiled with this
+// file's ISA flags runs before the CPU check.
+static constexpr IsaKernels make_table(const char* name) {
+  IsaKernels k{};
+  k.name = name;
+  fill_entry<float>(k);
+  fill_entry<double>(k);
+  fill_entry<f16_t>(k);
+  fill_entry<bf16_t>(k);
+  return k;
+}

@@ -1,0 +1,237 @@
+#include "cpu/ops.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+
+#include "core/thread_pool.h"
+#include "cpu/dispatch.h"
+
+namespace gradclip::cpu {
+namespace {
+
+// Partial sums are kept per chunk of this many elements and combined in chunk
+// order, so the result is the same whatever thread computed each chunk.
+constexpr int64_t kChunkElems = int64_t(1) << 15;
+// Small chunks (small tensors) are grouped into tasks of about this size.
+constexpr int64_t kTaskElems = int64_t(1) << 16;
+// Below this much work, waking the pool costs more than it saves.
+constexpr int64_t kParallelMinElems = int64_t(1) << 18;
+// Power sums below 2^-900 may have lost precision to float64 underflow; they are
+// recomputed with scaled elements.
+const double kTinyPowerSum = std::ldexp(1.0, -900);
+
+struct Chunk {
+  int32_t span;
+  int64_t begin;
+  int64_t n;
+};
+
+// Splits the selected spans into fixed chunks and groups the chunks into tasks.
+struct ChunkPlan {
+  std::vector<Chunk> chunks;
+  std::vector<size_t> task_start{0};  // chunks[task_start[t] .. task_start[t+1]) form task t
+  int64_t elements = 0;
+
+  ChunkPlan(const std::vector<Span>& spans, const std::vector<char>* selected = nullptr) {
+    int64_t in_task = 0;
+    for (size_t s = 0; s < spans.size(); ++s) {
+      if (selected && !(*selected)[s]) continue;
+      for (int64_t b = 0; b < spans[s].numel; b += kChunkElems) {
+        const int64_t n = std::min(kChunkElems, spans[s].numel - b);
+        chunks.push_back({static_cast<int32_t>(s), b, n});
+        elements += n;
+        in_task += n;
+        if (in_task >= kTaskElems) {
+          task_start.push_back(chunks.size());
+          in_task = 0;
+        }
+      }
+    }
+    if (task_start.back() != chunks.size()) task_start.push_back(chunks.size());
+  }
+
+  // Calls fn(chunk_index, chunk) for every chunk, across threads when worth it.
+  template <class Fn>
+  void for_each(Fn&& fn) const {
+    const int64_t n_tasks = static_cast<int64_t>(task_start.size()) - 1;
+    auto run_task = [&](int64_t t) {
+      for (size_t c = task_start[t]; c < task_start[t + 1]; ++c) fn(c, chunks[c]);
+    };
+    if (elements < kParallelMinElems || n_tasks < 2) {
+      for (int64_t t = 0; t < n_tasks; ++t) run_task(t);
+    } else {
+      ThreadPool::instance().run(n_tasks, run_task);
+    }
+  }
+};
+
+inline const char* element_ptr(const Span& s, int64_t i) {
+  return static_cast<const char*>(s.data) + i * element_size(s.dtype);
+}
+
+// The generic-p chunk kernel, shared by every ISA (pow has no SIMD form here).
+// Same lane contract as the SIMD reductions.
+double power_sum_generic(const void* x, int64_t n, DType t, double p) {
+  double lanes[kLanes] = {};
+  for (int64_t i = 0; i < n; ++i) lanes[i % kLanes] += std::pow(std::fabs(load_as_double(x, i, t)), p);
+  return fold_sum(lanes);
+}
+
+double root(double power_sum, NormOrder order) {
+  switch (order.kind) {
+    case NormOrder::kL1: return power_sum;
+    case NormOrder::kL2: return std::sqrt(power_sum);
+    case NormOrder::kP: return std::pow(power_sum, 1.0 / order.p);
+    case NormOrder::kInf: return power_sum;
+  }
+  return power_sum;
+}
+
+double element_power(double abs_x, NormOrder order) {
+  switch (order.kind) {
+    case NormOrder::kL1: return abs_x;
+    case NormOrder::kL2: return abs_x * abs_x;
+    default: return std::pow(abs_x, order.p);
+  }
+}
+
+// Whether |x|^p of some representable element can fall below kTinyPowerSum.
+bool may_underflow(DType t, NormOrder order) {
+  if (t == DType::kF64) return true;
+  // The smallest float32 subnormal is 2^-149 (16-bit types are larger): its
+  // p-th power stays above 2^-900 for p <= 6.
+  return order.kind == NormOrder::kP && order.p > 6.0;
+}
+
+// Rare path: the plain power sum overflowed or may have underflowed. Rescale
+// every element by 2^-e (exact), e the exponent of the largest |x|, and sum again.
+double rescued_norm(const Span& s, NormOrder order) {
+  const IsaKernels& isa = active_isa();
+  double max_abs = 0.0;
+  for (int64_t b = 0; b < s.numel; b += kChunkElems)
+    max_abs = nan_max(max_abs, isa.max_abs[int(s.dtype)](element_ptr(s, b), std::min(kChunkElems, s.numel - b)));
+  if (max_abs == 0.0 || !std::isfinite(max_abs)) return max_abs;
+  const int e = std::ilogb(max_abs);
+  double lanes[kLanes] = {};
+  for (int64_t i = 0; i < s.numel; ++i)
+    lanes[i % kLanes] += element_power(std::ldexp(std::fabs(load_as_double(s.data, i, s.dtype)), -e), order);
+  return std::ldexp(root(fold_sum(lanes), order), e);
+}
+
+}  // namespace
+
+Norms compute_norms(const std::vector<Span>& spans, NormOrder order) {
+  const IsaKernels& isa = active_isa();
+  const ChunkPlan plan(spans);
+  std::vector<double> partial(plan.chunks.size());
+  plan.for_each([&](size_t c, const Chunk& ch) {
+    const Span& s = spans[ch.span];
+    const void* x = element_ptr(s, ch.begin);
+    const int d = int(s.dtype);
+    switch (order.kind) {
+      case NormOrder::kL2: partial[c] = isa.sum_squares[d](x, ch.n); break;
+      case NormOrder::kL1: partial[c] = isa.sum_abs[d](x, ch.n); break;
+      case NormOrder::kInf: partial[c] = isa.max_abs[d](x, ch.n); break;
+      case NormOrder::kP: partial[c] = power_sum_generic(x, ch.n, s.dtype, order.p); break;
+    }
+  });
+
+  // Combine partials per span, in chunk order (chunks are laid out span by span).
+  const bool is_max = order.kind == NormOrder::kInf;
+  std::vector<double> power_sum(spans.size(), 0.0);
+  for (size_t c = 0; c < plan.chunks.size(); ++c) {
+    double& acc = power_sum[plan.chunks[c].span];
+    acc = is_max ? nan_max(acc, partial[c]) : acc + partial[c];
+  }
+
+  Norms out;
+  out.per_span.resize(spans.size());
+  if (is_max) {
+    double total = 0.0;
+    for (size_t s = 0; s < spans.size(); ++s) total = nan_max(total, out.per_span[s] = power_sum[s]);
+    out.total = total;
+    return out;
+  }
+
+  bool exact_sum_ok = true;  // may the total come from the plain sum of power sums?
+  bool tiny_risk = false;
+  double total_power = 0.0;
+  for (size_t s = 0; s < spans.size(); ++s) {
+    const double ps = power_sum[s];
+    const bool risk = may_underflow(spans[s].dtype, order);
+    tiny_risk |= risk;
+    if (ps == HUGE_VAL || (ps < kTinyPowerSum && risk)) {
+      out.per_span[s] = rescued_norm(spans[s], order);
+      exact_sum_ok = false;
+    } else {
+      out.per_span[s] = root(ps, order);
+    }
+    total_power += ps;
+  }
+  if (exact_sum_ok && !(total_power == HUGE_VAL) && !(total_power < kTinyPowerSum && tiny_risk)) {
+    out.total = root(total_power, order);  // also the NaN case: NaN stays NaN
+    return out;
+  }
+  // Scaled combination of the per-span norms: norm = m * (sum (n_i / m)^p)^(1/p).
+  double m = 0.0;
+  for (double n : out.per_span) m = nan_max(m, n);
+  if (m == 0.0 || !std::isfinite(m)) {
+    out.total = m;
+    return out;
+  }
+  const int e = std::ilogb(m);
+  double sum = 0.0;
+  for (double n : out.per_span) sum += element_power(std::ldexp(n, -e), order);
+  out.total = std::ldexp(root(sum, order), e);
+  return out;
+}
+
+void scale(const std::vector<Span>& spans, const std::vector<double>& coefs) {
+  std::vector<char> selected(spans.size());
+  bool any = false;
+  for (size_t s = 0; s < spans.size(); ++s) any |= (selected[s] = coefs[s] != 1.0 && spans[s].numel > 0);
+  if (!any) return;
+  const IsaKernels& isa = active_isa();
+  const ChunkPlan plan(spans, &selected);
+  plan.for_each([&](size_t, const Chunk& ch) {
+    const Span& s = spans[ch.span];
+    isa.scale[int(s.dtype)](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, coefs[ch.span]);
+  });
+}
+
+namespace {
+
+// A bound as it is stored in dtype t (round to nearest even), as torch does
+// when it converts a clamp scalar to the tensor's dtype.
+double round_to_dtype(double v, DType t) {
+  switch (t) {
+    case DType::kF64: return v;
+    case DType::kF32: return static_cast<float>(v);
+    case DType::kF16: return f16_to_float(float_to_f16(static_cast<float>(v)));
+    case DType::kBF16: return bf16_to_float(float_to_bf16(static_cast<float>(v)));
+  }
+  return v;
+}
+
+}  // namespace
+
+bool clamp(const std::vector<Span>& spans, double lo, double hi) {
+  double lo_of[kNumDTypes], hi_of[kNumDTypes];
+  for (int d = 0; d < kNumDTypes; ++d) {
+    lo_of[d] = round_to_dtype(lo, DType(d));
+    hi_of[d] = round_to_dtype(hi, DType(d));
+  }
+  const IsaKernels& isa = active_isa();
+  const ChunkPlan plan(spans);
+  std::atomic<bool> changed{false};
+  plan.for_each([&](size_t, const Chunk& ch) {
+    const Span& s = spans[ch.span];
+    const int d = int(s.dtype);
+    if (isa.clamp[d](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, lo_of[d], hi_of[d]))
+      changed.store(true, std::memory_order_relaxed);
+  });
+  return changed.load();
+}
+
+}  // namespace gradclip::cpu
