@@ -16,9 +16,13 @@ namespace gradclip::binding {
 namespace {
 
 // What we know about a Python type's DLPack C exchange API, cached per type.
+//
+// torch's exchange API also hands out negative-bit views (x.conj().imag) as
+// their stored, un-negated values. They need no check: every operation here
+// commutes with negation (norms see |x|, scaling is linear, and value clipping
+// is symmetric, [-v, v]), so the stored values get exactly the right update.
 struct TypeInfo {
   const dlpack::ExchangeApi* api = nullptr;
-  bool has_is_neg = false;  // torch tensors can carry a lazy negation bit
 };
 
 // Set GRADCLIP_NO_EXCHANGE_API=1 to force the __dlpack__ path (what torch
@@ -57,9 +61,6 @@ const TypeInfo& type_info(PyTypeObject* type) {
       }
     }
   }
-  if (info.api) {
-    info.has_is_neg = PyObject_HasAttrString(reinterpret_cast<PyObject*>(type), "is_neg");
-  }
   return cache.emplace(type, info).first->second;
 }
 
@@ -70,7 +71,7 @@ std::string python_error_text() {
   std::string text = "unknown error";
   if (value) {
     if (PyObject* s = PyObject_Str(value)) {
-      if (const char* c = PyUnicode_AsUTF8(s)) text = c;
+      if (const char* c = PyUnicode_AsUTF8(s)) text.assign(c, std::strcspn(c, "\n"));  // torch adds a backtrace
       Py_DECREF(s);
     }
   }
@@ -172,16 +173,9 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
     // Fast path (~60 ns): a non-owning view, valid while `obj` is alive.
     dlpack::Tensor t;
     if (info.api->dltensor_from_py_object_no_sync(obj, &t) != 0)
-      fail_value("cannot be read through DLPack (" + python_error_text() + ")");
+      fail_value("cannot be read as a dense strided tensor (sparse, nested and meta tensors are not "
+                 "supported): " + python_error_text());
     if (t.dtype.code == dlpack::kComplex) fail_type("complex tensors are not supported; " + std::string(kAccepted));
-    if (info.has_is_neg) {
-      static PyObject* is_neg_name = PyUnicode_InternFromString("is_neg");
-      PyObject* r = PyObject_CallMethodNoArgs(obj, is_neg_name);
-      if (!r) fail_value("is_neg() failed (" + python_error_text() + ")");
-      const bool neg = r == Py_True;
-      Py_DECREF(r);
-      if (neg) fail_value("has the negative bit set (a lazily negated view); call .resolve_neg() first");
-    }
     raw = {t.data, t.device, t.ndim, t.dtype, t.shape, t.strides, false};
     byte_offset = t.byte_offset;
   } else if (PyObject_CheckBuffer(obj)) {

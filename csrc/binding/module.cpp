@@ -123,15 +123,13 @@ py::dict scale(py::handle seq, double coef, const char* argname, bool grad_attr)
   return describe(in);
 }
 
-py::dict clamp(py::handle seq, double lo, double hi, const char* argname, bool grad_attr) {
-  if (std::isnan(lo) || std::isnan(hi) || lo > hi)
-    throw py::value_error("clamp bounds must satisfy lo <= hi and not be NaN, got [" + std::to_string(lo) + ", " +
-                          std::to_string(hi) + "]");
+py::dict clamp(py::handle seq, double limit, const char* argname, bool grad_attr) {
+  if (!(limit >= 0.0)) throw py::value_error("clip_value must be >= 0, got " + std::to_string(limit));
   Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
   bool changed;
   {
     py::gil_scoped_release nogil;
-    changed = cpu::clamp(in.spans, lo, hi);
+    changed = cpu::clamp_symmetric(in.spans, limit);
   }
   py::dict d = describe(in);
   d["changed"] = changed;
@@ -148,7 +146,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("clip_norm", &clip_norm, py::arg("seq"), py::arg("max_norm"), py::arg("p"), py::arg("eps"), py::arg("mode"),
         py::arg("argname"), py::arg("grad_attr"), py::arg("per_tensor"), py::arg("skip_nonfinite"));
   m.def("scale", &scale, py::arg("seq"), py::arg("coef"), py::arg("argname"), py::arg("grad_attr"));
-  m.def("clamp", &clamp, py::arg("seq"), py::arg("lo"), py::arg("hi"), py::arg("argname"), py::arg("grad_attr"));
+  m.def("clamp", &clamp, py::arg("seq"), py::arg("limit"), py::arg("argname"), py::arg("grad_attr"));
+
+  m.def("clip_coefficient", &clip_coefficient, py::arg("max_norm"), py::arg("norm"), py::arg("eps"));
 
   m.def("compiled_isas", [] {
     std::vector<std::string> names;

@@ -216,19 +216,16 @@ double round_to_dtype(double v, DType t) {
 
 }  // namespace
 
-bool clamp(const std::vector<Span>& spans, double lo, double hi) {
-  double lo_of[kNumDTypes], hi_of[kNumDTypes];
-  for (int d = 0; d < kNumDTypes; ++d) {
-    lo_of[d] = round_to_dtype(lo, DType(d));
-    hi_of[d] = round_to_dtype(hi, DType(d));
-  }
+bool clamp_symmetric(const std::vector<Span>& spans, double limit) {
+  double hi_of[kNumDTypes];
+  for (int d = 0; d < kNumDTypes; ++d) hi_of[d] = round_to_dtype(limit, DType(d));
   const IsaKernels& isa = active_isa();
   const ChunkPlan plan(spans);
   std::atomic<bool> changed{false};
   plan.for_each([&](size_t, const Chunk& ch) {
     const Span& s = spans[ch.span];
     const int d = int(s.dtype);
-    if (isa.clamp[d](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, lo_of[d], hi_of[d]))
+    if (isa.clamp[d](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, -hi_of[d], hi_of[d]))
       changed.store(true, std::memory_order_relaxed);
   });
   return changed.load();

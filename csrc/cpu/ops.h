@@ -20,8 +20,9 @@ Norms compute_norms(const std::vector<Span>& spans, NormOrder order);
 // spans[i] *= coefs[i]; spans whose coefficient is exactly 1 are not touched.
 void scale(const std::vector<Span>& spans, const std::vector<double>& coefs);
 
-// Clamps every element to [lo, hi], the bounds first rounded to each span's
-// dtype. Returns true when some element changed.
-bool clamp(const std::vector<Span>& spans, double lo, double hi);
+// Clamps every element to [-limit, limit], the bound first rounded to each
+// span's dtype. Returns true when some element changed. Symmetric on purpose:
+// it then commutes with negation, which negative-bit views rely on (intake.cpp).
+bool clamp_symmetric(const std::vector<Span>& spans, double limit);
 
 }  // namespace gradclip::cpu

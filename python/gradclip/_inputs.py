@@ -1,0 +1,95 @@
+"""Helpers shared by the torch drop-ins and the array API: argument checks and
+turning native results into the caller's framework types."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, Sequence
+
+import numpy as np
+
+# Bits of the native `dtype_mask` (the order of gradclip::DType).
+_F64_BIT = 1 << 1
+
+
+def as_list(items: Any) -> Sequence[Any]:
+    """One tensor/array becomes a one-element list; other iterables (generators
+    such as ``model.parameters()``) are materialised once."""
+    if is_array_like(items):
+        return [items]
+    if isinstance(items, (list, tuple)):
+        return items
+    return list(items)
+
+
+def is_array_like(obj: Any) -> bool:
+    return isinstance(obj, np.ndarray) or hasattr(obj, "__dlpack__")
+
+
+def norm_order(value: Any, argname: str) -> float:
+    """float(value), so ``'inf'`` works as in torch; only p > 0 and inf are norms."""
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{argname} must be a number or 'inf', got {value!r}") from None
+    if not p > 0:
+        raise ValueError(f"{argname} must be > 0 or inf, got {value!r}")
+    return p
+
+
+def nonnegative(value: Any, argname: str) -> float:
+    """A limit such as max_norm or clip_value: a number >= 0 (inf allowed, NaN not)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{argname} must be a number, got {value!r}") from None
+    if not v >= 0:
+        raise ValueError(f"{argname} must be >= 0 (and not NaN), got {value!r}")
+    return v
+
+
+def nonfinite_error(norm_type: float) -> RuntimeError:
+    # torch's wording, so code that matches on it keeps working.
+    return RuntimeError(
+        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+        "so it cannot be clipped. To disable this error and scale the gradients by the "
+        "non-finite norm anyway, set `error_if_nonfinite=False`"
+    )
+
+
+def _torch_if_tensor(obj: Any):
+    """The torch module when `obj` is a torch tensor (without importing torch)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return torch
+    return None
+
+
+def result_dtype_is_f64(info: Dict[str, Any]) -> bool:
+    return bool(info["dtype_mask"] & _F64_BIT)
+
+
+def torch_scalar(torch: Any, value: float, info: Dict[str, Any], device: Any) -> Any:
+    """A 0-d norm tensor: float64 when any input is float64, else float32 (also
+    for 16-bit inputs, whose norm torch would round to 16 bits)."""
+    dtype = torch.float64 if result_dtype_is_f64(info) else torch.float32
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def scalar_result(items: Sequence[Any], value: float, info: Dict[str, Any]) -> Any:
+    """A total norm in the caller's framework: a 0-d tensor for torch input
+    (on the first tensor's device), a Python float otherwise."""
+    index = info["first_index"]
+    torch = _torch_if_tensor(items[index]) if index >= 0 else None
+    if torch is None:
+        return value
+    return torch_scalar(torch, value, info, items[index].device)
+
+
+def vector_result(items: Sequence[Any], values: np.ndarray, info: Dict[str, Any]) -> Any:
+    """Per-tensor norms (float64): a NumPy array, or a torch tensor for torch input."""
+    index = info["first_index"]
+    torch = _torch_if_tensor(items[index]) if index >= 0 else None
+    if torch is None:
+        return values
+    return torch.from_numpy(values).to(items[index].device)

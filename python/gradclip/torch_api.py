@@ -1,0 +1,135 @@
+"""Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and friends.
+
+Same signatures and semantics as torch 2.13, one fused native call per list.
+Deliberate differences (see README, "Differences from torch"):
+
+* 16-bit gradients give a float32 total norm (torch's 16-bit norm overflows to
+  inf at 65504 and then zeroes every gradient).
+* A negative or NaN ``max_norm`` / ``clip_value`` raises ``ValueError``.
+* The same tensor listed twice is counted once and scaled once.
+* ``foreach`` is accepted and ignored: every call is fused.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+
+from . import _core
+from ._inputs import as_list, nonfinite_error, nonnegative, norm_order, torch_scalar
+
+if TYPE_CHECKING:
+    import torch
+
+    TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
+else:
+    TensorOrTensors = Any
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+
+_EPS = 1e-6  # torch's: coef = max_norm / (total_norm + 1e-6)
+
+
+def _total_as_tensor(items, info, total: float) -> "torch.Tensor":
+    import torch
+
+    if info["count"] == 0:
+        return torch.tensor(0.0)
+    first = items[info["first_index"]]
+    device = first.grad.device if hasattr(first, "grad") and first.grad is not None else first.device
+    return torch_scalar(torch, total, info, device)
+
+
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> "torch.Tensor":
+    """Clip the gradient norm of an iterable of parameters, in place.
+
+    The norm is computed over all gradients together, as if they were
+    concatenated into one vector, and every gradient is multiplied by
+    ``min(max_norm / (total_norm + 1e-6), 1)``. When that coefficient is 1 no
+    gradient memory is written. Parameters whose ``.grad`` is None are skipped.
+
+    Args:
+        parameters: a tensor, or an iterable of tensors (e.g. ``model.parameters()``).
+        max_norm: the largest allowed norm, >= 0.
+        norm_type: p of the p-norm, > 0; ``float('inf')`` or ``'inf'`` for the max norm.
+        error_if_nonfinite: raise ``RuntimeError`` (before touching any gradient)
+            when the total norm is NaN or inf.
+        foreach: accepted for compatibility and ignored (always fused).
+
+    Returns:
+        The total norm before clipping, a 0-d tensor on the first gradient's
+        device: float64 if any gradient is float64, else float32.
+    """
+    del foreach
+    is_generator = isinstance(parameters, types.GeneratorType)
+    params = as_list(parameters)
+    if is_generator and len(params) == 0:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
+    p = norm_order(norm_type, "norm_type")
+    limit = nonnegative(max_norm, "max_norm")
+    info = _core.clip_norm(params, limit, p, _EPS, "global", "parameters", True, False, bool(error_if_nonfinite))
+    total = info["total"]
+    if error_if_nonfinite and not math.isfinite(total):
+        raise nonfinite_error(p)
+    return _total_as_tensor(params, info, total)
+
+
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> "torch.Tensor":
+    """The norm of the given tensors (not their ``.grad``) viewed as one vector.
+
+    Same arguments and result as ``torch.nn.utils.get_total_norm``; an empty
+    list gives ``torch.tensor(0.0)``.
+    """
+    del foreach
+    items = as_list(tensors)
+    p = norm_order(norm_type, "norm_type")
+    info = _core.norms(items, p, "tensors", False, False)
+    total = info["total"]
+    if error_if_nonfinite and not math.isfinite(total):
+        raise nonfinite_error(p)
+    return _total_as_tensor(items, info, total)
+
+
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: Union[float, "torch.Tensor"],
+    foreach: Optional[bool] = None,
+) -> None:
+    """Scale gradients by ``min(max_norm / (total_norm + 1e-6), 1)``, given a
+    precomputed total norm (e.g. from :func:`get_total_norm`). Nothing is
+    written when the coefficient is 1."""
+    del foreach
+    params = as_list(parameters)
+    limit = nonnegative(max_norm, "max_norm")
+    coef = _core.clip_coefficient(limit, float(total_norm), _EPS)
+    _core.scale(params, coef, "parameters", True)
+
+
+def clip_grad_value_(
+    parameters: TensorOrTensors,
+    clip_value: float,
+    foreach: Optional[bool] = None,
+) -> None:
+    """Clamp every gradient element to ``[-clip_value, clip_value]``, in place.
+
+    The bound is first rounded to each gradient's dtype, as torch does; NaN
+    elements stay NaN. Blocks with nothing to clamp are not written.
+    """
+    del foreach
+    params = as_list(parameters)
+    v = nonnegative(clip_value, "clip_value")
+    _core.clamp(params, v, "parameters", True)
