@@ -217,7 +217,16 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
   } else {
     // Any other DLPack producer, through the versioned capsule protocol (~3 us).
     static PyObject* dlpack_name = PyUnicode_InternFromString("__dlpack__");
-    PyObject* method = PyObject_GetAttr(obj, dlpack_name);
+    static PyObject* detach_name = PyUnicode_InternFromString("detach");
+    PyObject* exporter = obj;
+    if (PyObject_HasAttr(obj, detach_name)) {
+      // torch before 2.10 (no exchange API) refuses to export tensors that
+      // require grad, e.g. parameters; a detached view shares their memory.
+      exporter = PyObject_CallMethodNoArgs(obj, detach_name);
+      if (!exporter) fail_value("detach() failed (" + python_error_text() + ")");
+      owned_.push_back(exporter);
+    }
+    PyObject* method = PyObject_GetAttr(exporter, dlpack_name);
     if (!method) {
       PyErr_Clear();
       fail_type(type_name(obj) + " is not a tensor or array (no DLPack or buffer protocol)");
