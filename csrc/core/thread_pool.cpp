@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -11,15 +12,35 @@
 #include <vector>
 
 namespace gradclip {
+namespace {
+
+// After a run, workers poll for the next one this long before they sleep: a
+// clip call is a norm pass followed at once by a scale pass, and waking a
+// sleeping thread costs tens of microseconds on a VM.
+constexpr auto kSpinBeforeSleep = std::chrono::microseconds(100);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+}  // namespace
 
 struct ThreadPool::State {
+  // Workers that join a run count themselves in `working`; the caller closes
+  // the run once every task is claimed and then waits only for those workers.
+  // A worker that wakes late (descheduled on a busy machine) finds the run
+  // closed and leaves, so the caller never waits for a thread that did nothing.
+  static constexpr int kClosed = 1 << 30;
+
   std::mutex run_mu;  // one run() at a time; a concurrent caller works alone
   std::mutex mu;
   std::condition_variable work_cv;
   std::condition_variable done_cv;
-  uint64_t generation = 0;  // bumped once per run(); workers wake on a change
-  int helpers_wanted = 0;   // how many workers join the current run
-  int helpers_left = 0;     // workers of the current run not yet finished
+  std::atomic<uint64_t> generation{0};  // bumped once per run(); workers wake on a change
+  std::atomic<int> working{0};          // joined workers, plus kClosed once the caller is done
+  int helpers_wanted = 0;               // how many workers may join the current run
   const std::function<void(int64_t)>* task = nullptr;
   int64_t n_tasks = 0;
   std::atomic<int64_t> next{0};
@@ -29,18 +50,31 @@ struct ThreadPool::State {
     for (int64_t i = next.fetch_add(1); i < n_tasks; i = next.fetch_add(1)) (*task)(i);
   }
 
+  void leave() {
+    if (working.fetch_sub(1, std::memory_order_acq_rel) == kClosed + 1) {
+      std::lock_guard<std::mutex> lock(mu);  // pairs with the caller's wait
+      done_cv.notify_one();
+    }
+  }
+
   void worker_loop(int id) {
     uint64_t seen = 0;
     for (;;) {
+      const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+      while (generation.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until)
+        cpu_relax();
       {
         std::unique_lock<std::mutex> lock(mu);
-        work_cv.wait(lock, [&] { return generation != seen; });
-        seen = generation;
+        work_cv.wait(lock, [&] { return generation.load() != seen; });
+        seen = generation.load();
         if (id >= helpers_wanted) continue;
       }
+      if (working.fetch_add(1, std::memory_order_acq_rel) & kClosed) {
+        leave();  // the caller already finished every task
+        continue;
+      }
       drain();
-      std::lock_guard<std::mutex> lock(mu);
-      if (--helpers_left == 0) done_cv.notify_one();
+      leave();
     }
   }
 };
@@ -88,23 +122,27 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& task) 
     for (int64_t i = 0; i < n_tasks; ++i) task(i);
     return;
   }
-  std::unique_lock<std::mutex> lock(s.mu);
-  while (static_cast<int>(s.workers.size()) < helpers) {
-    const int id = static_cast<int>(s.workers.size());
-    s.workers.emplace_back([&s, id] { s.worker_loop(id); });
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    while (static_cast<int>(s.workers.size()) < helpers) {
+      const int id = static_cast<int>(s.workers.size());
+      s.workers.emplace_back([&s, id] { s.worker_loop(id); });
+    }
+    s.task = &task;
+    s.n_tasks = n_tasks;
+    s.next.store(0);
+    s.helpers_wanted = helpers;
+    s.working.store(0);
+    s.generation.fetch_add(1, std::memory_order_release);
   }
-  s.task = &task;
-  s.n_tasks = n_tasks;
-  s.next.store(0);
-  s.helpers_wanted = helpers;
-  s.helpers_left = helpers;
-  ++s.generation;
-  lock.unlock();
   s.work_cv.notify_all();
   s.drain();
-  lock.lock();
-  s.done_cv.wait(lock, [&] { return s.helpers_left == 0; });
-  s.task = nullptr;
+  s.working.fetch_or(State::kClosed, std::memory_order_acq_rel);
+  auto all_left = [&] { return s.working.load(std::memory_order_acquire) == State::kClosed; };
+  const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+  while (!all_left() && std::chrono::steady_clock::now() < spin_until) cpu_relax();
+  std::unique_lock<std::mutex> lock(s.mu);
+  s.done_cv.wait(lock, all_left);
 }
 
 }  // namespace gradclip
