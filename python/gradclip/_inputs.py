@@ -73,7 +73,9 @@ def torch_scalar(torch: Any, value: float, info: Dict[str, Any], device: Any) ->
     """A 0-d norm tensor: float64 when any input is float64, else float32 (also
     for 16-bit inputs, whose norm torch would round to 16 bits)."""
     dtype = torch.float64 if result_dtype_is_f64(info) else torch.float32
-    return torch.tensor(value, dtype=dtype, device=device)
+    if device.type == "cpu":
+        return torch.scalar_tensor(value, dtype=dtype)  # ~1.6 us; torch.tensor() takes ~4 us
+    return torch.scalar_tensor(value, dtype=dtype, device=device)
 
 
 def scalar_result(items: Sequence[Any], value: float, info: Dict[str, Any]) -> Any:
