@@ -134,7 +134,11 @@ Intake::Intake(PyObject* sequence, const IntakeOptions& options) {
   spans.reserve(n);
   span_of_entry.reserve(n);
   list_index_of_entry.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) take(items[i], static_cast<int32_t>(i), options);
+  if (options.only_items) {
+    for (int32_t i : *options.only_items) take(items[i], i, options);
+  } else {
+    for (Py_ssize_t i = 0; i < n; ++i) take(items[i], static_cast<int32_t>(i), options);
+  }
   deduplicate(options);
 }
 
@@ -284,6 +288,18 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
   if (layout.numel > 0 && reinterpret_cast<uintptr_t>(base) % itemsize != 0)
     fail_value("data is not aligned to its " + std::to_string(itemsize) + "-byte element size");
 
+  if (options.rows) {
+    // Row r must be the block [r * numel / rows, (r + 1) * numel / rows) of the
+    // dense span: the first dimension outermost, with a positive stride. The
+    // order inside a row does not matter (norms and scaling ignore it), so
+    // e.g. channels-last convolution weights are fine.
+    const int64_t rows = raw.ndim >= 2 ? raw.shape[0] : 1;
+    if (rows > 1 && layout.numel > 0 && raw.strides && raw.strides[0] != layout.numel / rows)
+      fail_value("its rows (first dimension, stride " + std::to_string(raw.strides[0]) + ") are not contiguous "
+                 "blocks of memory, as clipping row by row needs (e.g. a transposed view); pass a contiguous "
+                 "tensor (.contiguous())");
+    rows_of_entry.push_back(rows);
+  }
   dtype_mask |= 1u << int(dtype);
   span_of_entry.push_back(-1);  // assigned by deduplicate()
   list_index_of_entry.push_back(list_index);

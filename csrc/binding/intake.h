@@ -19,6 +19,12 @@ struct IntakeOptions {
   const char* argname;  // used in error messages: "<argname>[<i>]"
   bool grad_attr;       // read item.grad and skip items whose .grad is None (torch's parameters)
   Access access;
+  // Record each entry's rows (first dimension; 0-d and 1-d tensors are one row)
+  // and refuse tensors whose rows are not contiguous blocks of memory.
+  bool rows = false;
+  // When set, only these items of the sequence are taken (in this order); the
+  // others are neither read nor checked. Messages keep the items' own indices.
+  const std::vector<int32_t>* only_items = nullptr;
 };
 
 class Intake {
@@ -34,6 +40,7 @@ class Intake {
   // One per accepted element (None grads are skipped), in list order.
   std::vector<int32_t> span_of_entry;
   std::vector<int32_t> list_index_of_entry;
+  std::vector<int64_t> rows_of_entry;  // filled only with IntakeOptions::rows
   uint32_t dtype_mask = 0;  // bit (1 << DType) for each dtype seen
 
  private:

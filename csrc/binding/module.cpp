@@ -11,6 +11,8 @@
 #include "binding/intake.h"
 #include "core/clip_math.h"
 #include "core/thread_pool.h"
+#include "cpu/agc.h"
+#include "cpu/clip.h"
 #include "cpu/dispatch.h"
 #include "cpu/ops.h"
 
@@ -30,10 +32,11 @@ NormOrder parse_order(double p) {
   return NormOrder::from_p(p);
 }
 
-// Per accepted entry (list order), the norm of its span.
-py::array_t<double> per_entry(const Intake& in, const std::vector<double>& per_span) {
-  py::array_t<double> out(static_cast<py::ssize_t>(in.span_of_entry.size()));
-  double* o = out.mutable_data();
+// Per accepted entry (list order), the value of its span.
+template <class T>
+py::array_t<T> per_entry(const Intake& in, const std::vector<T>& per_span) {
+  py::array_t<T> out(static_cast<py::ssize_t>(in.span_of_entry.size()));
+  T* o = out.mutable_data();
   for (size_t e = 0; e < in.span_of_entry.size(); ++e) o[e] = per_span[in.span_of_entry[e]];
   return out;
 }
@@ -68,49 +71,178 @@ py::dict norms(py::handle seq, double p, const char* argname, bool grad_attr, bo
   return d;
 }
 
-enum class ClipMode { kGlobal, kPerTensor, kNormalize };
+cpu::ClipMode parse_mode(const std::string& name) {
+  if (name == "global") return cpu::ClipMode::kGlobal;
+  if (name == "per_tensor") return cpu::ClipMode::kPerTensor;
+  if (name == "normalize") return cpu::ClipMode::kNormalize;
+  if (name == "value") return cpu::ClipMode::kValue;
+  throw py::value_error("mode: expected 'global', 'per_tensor', 'normalize' or 'value', got '" + name + "'");
+}
 
-// Norm, coefficient and rescale in one call. With skip_nonfinite the rescale is
-// skipped when the total norm is NaN or inf (the caller then raises or skips).
+// 'error' and 'skip' are the same natively: write nothing; the caller raises or skips.
+cpu::NonfinitePolicy parse_nonfinite(const std::string& name) {
+  if (name == "propagate") return cpu::NonfinitePolicy::kPropagate;
+  if (name == "error" || name == "skip") return cpu::NonfinitePolicy::kHold;
+  if (name == "zero") return cpu::NonfinitePolicy::kZero;
+  throw py::value_error("nonfinite: expected 'propagate', 'error', 'skip' or 'zero', got '" + name + "'");
+}
+
+void check_limit(double v, const std::string& what) {
+  if (!(v >= 0.0)) throw py::value_error(what + " must be >= 0 (and not NaN), got " + std::to_string(v));
+}
+
+// Norm, coefficient and rescale in one call, on one group. With skip_nonfinite
+// nothing is written when a norm is NaN or inf (the caller then raises or skips).
 py::dict clip_norm(py::handle seq, double max_norm, double p, double eps, const std::string& mode_name,
                    const char* argname, bool grad_attr, bool per_tensor, bool skip_nonfinite) {
-  const NormOrder order = parse_order(p);
-  ClipMode mode;
-  if (mode_name == "global") mode = ClipMode::kGlobal;
-  else if (mode_name == "per_tensor") mode = ClipMode::kPerTensor;
-  else if (mode_name == "normalize") mode = ClipMode::kNormalize;
-  else throw py::value_error("mode: expected 'global', 'per_tensor' or 'normalize', got '" + mode_name + "'");
-  if (!(max_norm >= 0.0)) throw py::value_error("max_norm must be >= 0, got " + std::to_string(max_norm));
-  if (!(eps >= 0.0)) throw py::value_error("eps must be >= 0, got " + std::to_string(eps));
+  cpu::ClipRequest req;
+  req.order = parse_order(p);
+  req.mode = parse_mode(mode_name);
+  if (req.mode == cpu::ClipMode::kValue) throw py::value_error("mode: 'value' is not a norm clip; use clamp");
+  check_limit(max_norm, "max_norm");
+  check_limit(eps, "eps");
+  req.eps = eps;
+  req.limits = {max_norm};
+  req.nonfinite = skip_nonfinite ? cpu::NonfinitePolicy::kHold : cpu::NonfinitePolicy::kPropagate;
 
   Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
-  cpu::Norms r;
-  double coef = 1.0;
-  bool scaled = false;
+  cpu::ClipOutcome r;
   {
     py::gil_scoped_release nogil;
-    r = cpu::compute_norms(in.spans, order);
-    std::vector<double> coefs(in.spans.size(), 1.0);
-    if (mode == ClipMode::kPerTensor) {
-      for (size_t s = 0; s < coefs.size(); ++s) coefs[s] = clip_coefficient(max_norm, r.per_span[s], eps);
-    } else {
-      coef = mode == ClipMode::kGlobal ? clip_coefficient(max_norm, r.total, eps)
-                                       : normalize_coefficient(max_norm, r.total);
-      coefs.assign(coefs.size(), coef);
-    }
-    if (!(skip_nonfinite && !std::isfinite(r.total))) {
-      for (double c : coefs) scaled |= c != 1.0;
-      cpu::scale(in.spans, coefs);
-    }
+    r = cpu::clip(in.spans, req);
   }
   py::dict d = describe(in);
-  d["total"] = r.total;
-  d["coef"] = coef;
-  d["scaled"] = scaled;
+  d["total"] = r.norms.total;
+  d["coef"] = r.group_coefs.empty() ? 1.0 : r.group_coefs[0];
+  d["scaled"] = r.written;
   if (per_tensor) {
-    d["norms"] = per_entry(in, r.per_span);
+    d["norms"] = per_entry(in, r.norms.per_span);
     d["indices"] = list_indices(in);
   }
+  return d;
+}
+
+// The general clip: items in groups with a limit each, any mode, any nonfinite
+// policy, per-entry norms and coefficients for monitoring.
+//   group_of_item: None (one group), or one group number per item of `seq`
+//   limits:        one per group (max norm, target norm or clip value)
+py::dict clip(py::handle seq, const std::vector<double>& limits, py::object group_of_item, double p, double eps,
+              const std::string& mode_name, const std::string& nonfinite, const char* argname, bool grad_attr) {
+  cpu::ClipRequest req;
+  req.order = parse_order(p);
+  req.mode = parse_mode(mode_name);
+  req.nonfinite = parse_nonfinite(nonfinite);
+  check_limit(eps, "eps");
+  req.eps = eps;
+  if (limits.empty()) throw py::value_error("limits: expected one limit per group, got none");
+  for (size_t g = 0; g < limits.size(); ++g) check_limit(limits[g], "limits[" + std::to_string(g) + "]");
+  req.limits = limits;
+
+  Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
+  if (!group_of_item.is_none()) {
+    const auto groups = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(group_of_item);
+    if (!groups) throw py::type_error("group_of_item: expected a sequence of integers");
+    const Py_ssize_t n_items = PySequence_Size(seq.ptr());
+    if (groups.ndim() != 1 || groups.shape(0) != n_items)
+      throw py::value_error("group_of_item: expected one group per item of " + std::string(argname) + " (" +
+                            std::to_string(n_items) + "), got " + std::to_string(groups.size()));
+    const int32_t* group = groups.data();
+    req.groups.n_groups = static_cast<int32_t>(limits.size());
+    req.groups.group_of_span.assign(in.spans.size(), -1);
+    std::vector<int32_t> first_entry_of_span(in.spans.size(), -1);
+    for (size_t e = 0; e < in.span_of_entry.size(); ++e) {
+      const int32_t item = in.list_index_of_entry[e];
+      const int32_t g = group[item];
+      if (g < 0 || g >= req.groups.n_groups)
+        throw py::value_error("group_of_item[" + std::to_string(item) + "]: group " + std::to_string(g) +
+                              " has no limit (" + std::to_string(limits.size()) + " limits given)");
+      const int32_t s = in.span_of_entry[e];
+      if (req.groups.group_of_span[s] < 0) {
+        req.groups.group_of_span[s] = g;
+        first_entry_of_span[s] = static_cast<int32_t>(e);
+      } else if (req.groups.group_of_span[s] != g) {
+        const IntakeOptions labels{argname, grad_attr, Access::kWrite};
+        throw py::value_error(binding::item_label(labels, item) + ": the same memory as " +
+                              binding::item_label(labels, in.list_index_of_entry[first_entry_of_span[s]]) +
+                              " but in another group; one tensor cannot follow two limits");
+      }
+    }
+  }
+
+  cpu::ClipOutcome r;
+  {
+    py::gil_scoped_release nogil;
+    r = cpu::clip(in.spans, req);
+  }
+  std::vector<int32_t> nonfinite_items;
+  for (size_t e = 0; e < in.span_of_entry.size(); ++e)
+    if (r.nonfinite_spans[in.span_of_entry[e]]) nonfinite_items.push_back(in.list_index_of_entry[e]);
+
+  py::dict d = describe(in);
+  d["total"] = r.norms.total;
+  d["group_norms"] = py::array_t<double>(static_cast<py::ssize_t>(r.norms.per_group.size()), r.norms.per_group.data());
+  d["group_coefs"] = py::array_t<double>(static_cast<py::ssize_t>(r.group_coefs.size()), r.group_coefs.data());
+  d["norms"] = per_entry(in, r.norms.per_span);
+  d["coefs"] = per_entry(in, r.span_coefs);
+  d["indices"] = list_indices(in);
+  d["nonfinite"] = r.nonfinite;
+  d["nonfinite_indices"] = py::array_t<int32_t>(static_cast<py::ssize_t>(nonfinite_items.size()), nonfinite_items.data());
+  d["written"] = r.written;
+  d["zeroed"] = r.zeroed;
+  return d;
+}
+
+// Adaptive gradient clipping over `seq` (parameters with .grad): each gradient
+// row is limited to clipping * max(||parameter row||, eps). The parameters and
+// their gradients are both validated before any gradient is written.
+py::dict clip_units(py::handle seq, double clipping, double eps, double p, const char* argname) {
+  cpu::UnitClipRequest req;
+  req.order = parse_order(p);
+  if (!(clipping > 0.0) || std::isinf(clipping))
+    throw py::value_error("clipping must be > 0 and finite, got " + std::to_string(clipping));
+  check_limit(eps, "eps");
+  req.clipping = clipping;
+  req.eps = eps;
+
+  const IntakeOptions grad_options{argname, true, Access::kWrite, true};
+  Intake grads(seq.ptr(), grad_options);
+  // The parameters of those gradients only (a frozen parameter is not read):
+  // parameter entry k belongs to gradient entry k.
+  const IntakeOptions param_options{argname, false, Access::kRead, true, &grads.list_index_of_entry};
+  Intake params(seq.ptr(), param_options);
+  std::vector<cpu::RowSpan> param_rows, grad_rows;
+  param_rows.reserve(grads.spans.size());
+  grad_rows.reserve(grads.spans.size());
+  std::vector<char> seen(grads.spans.size(), 0);
+  for (size_t e = 0; e < grads.span_of_entry.size(); ++e) {
+    const int32_t s = grads.span_of_entry[e];
+    if (seen[s]) continue;  // the same gradient twice: clipped once
+    seen[s] = 1;
+    const int32_t item = grads.list_index_of_entry[e];
+    const Span& g = grads.spans[s];
+    const Span& w = params.spans[params.span_of_entry[e]];
+    const int64_t g_rows = grads.rows_of_entry[e], w_rows = params.rows_of_entry[e];
+    if (g_rows != w_rows || g.numel != w.numel)
+      throw py::value_error(binding::item_label(grad_options, item) + ": " + std::to_string(g_rows) + " rows of " +
+                            std::to_string(g.numel) + " elements in all, but its parameter has " +
+                            std::to_string(w_rows) + " rows of " + std::to_string(w.numel) +
+                            "; a gradient must have its parameter's shape");
+    grad_rows.push_back({g, g_rows});
+    param_rows.push_back({w, w_rows});
+  }
+  // grad_rows[i] belongs to unique gradient span i (spans are in order of first appearance).
+  cpu::UnitClipOutcome r;
+  {
+    py::gil_scoped_release nogil;
+    r = cpu::clip_units(param_rows, grad_rows, req);
+  }
+  py::dict d = describe(grads);
+  d["param_norms"] = per_entry(grads, r.param_norms);
+  d["grad_norms"] = per_entry(grads, r.grad_norms);
+  d["indices"] = list_indices(grads);
+  d["units"] = r.units;
+  d["clipped_units"] = r.clipped_units;
+  d["nonfinite"] = r.nonfinite;
   return d;
 }
 
@@ -129,7 +261,7 @@ py::dict clamp(py::handle seq, double limit, const char* argname, bool grad_attr
   bool changed;
   {
     py::gil_scoped_release nogil;
-    changed = cpu::clamp_symmetric(in.spans, limit);
+    changed = cpu::clamp_symmetric(in.spans, std::vector<double>(in.spans.size(), limit));
   }
   py::dict d = describe(in);
   d["changed"] = changed;
@@ -145,6 +277,10 @@ PYBIND11_MODULE(_core, m) {
         py::arg("per_tensor"));
   m.def("clip_norm", &clip_norm, py::arg("seq"), py::arg("max_norm"), py::arg("p"), py::arg("eps"), py::arg("mode"),
         py::arg("argname"), py::arg("grad_attr"), py::arg("per_tensor"), py::arg("skip_nonfinite"));
+  m.def("clip", &clip, py::arg("seq"), py::arg("limits"), py::arg("group_of_item"), py::arg("p"), py::arg("eps"),
+        py::arg("mode"), py::arg("nonfinite"), py::arg("argname"), py::arg("grad_attr"));
+  m.def("clip_units", &clip_units, py::arg("seq"), py::arg("clipping"), py::arg("eps"), py::arg("p"),
+        py::arg("argname"));
   m.def("scale", &scale, py::arg("seq"), py::arg("coef"), py::arg("argname"), py::arg("grad_attr"));
   m.def("clamp", &clamp, py::arg("seq"), py::arg("limit"), py::arg("argname"), py::arg("grad_attr"));
 

@@ -119,11 +119,11 @@ double rescued_norm(const Span& s, NormOrder order) {
   return std::ldexp(root(fold_sum(lanes), order), e);
 }
 
-}  // namespace
-
-Norms compute_norms(const std::vector<Span>& spans, NormOrder order) {
+// Per selected span (all when `selected` is null), its power sum: sum |x|^p, or
+// max |x| for the inf norm. Unselected spans get 0.
+std::vector<double> power_sums(const std::vector<Span>& spans, NormOrder order, const std::vector<char>* selected) {
   const IsaKernels& isa = active_isa();
-  const ChunkPlan plan(spans);
+  const ChunkPlan plan(spans, selected);
   std::vector<double> partial(plan.chunks.size());
   plan.for_each([&](size_t c, const Chunk& ch) {
     const Span& s = spans[ch.span];
@@ -136,7 +136,6 @@ Norms compute_norms(const std::vector<Span>& spans, NormOrder order) {
       case NormOrder::kP: partial[c] = power_sum_generic(x, ch.n, s.dtype, order.p); break;
     }
   });
-
   // Combine partials per span, in chunk order (chunks are laid out span by span).
   const bool is_max = order.kind == NormOrder::kInf;
   std::vector<double> power_sum(spans.size(), 0.0);
@@ -144,47 +143,115 @@ Norms compute_norms(const std::vector<Span>& spans, NormOrder order) {
     double& acc = power_sum[plan.chunks[c].span];
     acc = is_max ? nan_max(acc, partial[c]) : acc + partial[c];
   }
+  return power_sum;
+}
 
-  Norms out;
-  out.per_span.resize(spans.size());
-  if (is_max) {
-    double total = 0.0;
-    for (size_t s = 0; s < spans.size(); ++s) total = nan_max(total, out.per_span[s] = power_sum[s]);
-    out.total = total;
-    return out;
+// The norm of several spans together (`members`, in span order), from their
+// power sums, or from their norms when a power sum had to be rescued.
+double combined_norm(const std::vector<Span>& spans, NormOrder order, const Norms& n, const std::vector<char>& rescued,
+                     const std::vector<int32_t>& members) {
+  if (order.kind == NormOrder::kInf) {
+    double m = 0.0;
+    for (int32_t s : members) m = nan_max(m, n.per_span[s]);
+    return m;
   }
-
-  bool exact_sum_ok = true;  // may the total come from the plain sum of power sums?
+  bool exact_sum_ok = true;  // may the result come from the plain sum of power sums?
   bool tiny_risk = false;
   double total_power = 0.0;
-  for (size_t s = 0; s < spans.size(); ++s) {
-    const double ps = power_sum[s];
-    const bool risk = may_underflow(spans[s].dtype, order);
-    tiny_risk |= risk;
-    if (ps == HUGE_VAL || (ps < kTinyPowerSum && risk)) {
-      out.per_span[s] = rescued_norm(spans[s], order);
-      exact_sum_ok = false;
-    } else {
-      out.per_span[s] = root(ps, order);
-    }
-    total_power += ps;
+  for (int32_t s : members) {
+    exact_sum_ok &= !rescued[s];
+    tiny_risk |= may_underflow(spans[s].dtype, order);
+    total_power += n.power_sum[s];
   }
-  if (exact_sum_ok && !(total_power == HUGE_VAL) && !(total_power < kTinyPowerSum && tiny_risk)) {
-    out.total = root(total_power, order);  // also the NaN case: NaN stays NaN
-    return out;
-  }
+  if (exact_sum_ok && !(total_power == HUGE_VAL) && !(total_power < kTinyPowerSum && tiny_risk))
+    return root(total_power, order);  // also the NaN case: NaN stays NaN
   // Scaled combination of the per-span norms: norm = m * (sum (n_i / m)^p)^(1/p).
   double m = 0.0;
-  for (double n : out.per_span) m = nan_max(m, n);
-  if (m == 0.0 || !std::isfinite(m)) {
-    out.total = m;
-    return out;
-  }
+  for (int32_t s : members) m = nan_max(m, n.per_span[s]);
+  if (m == 0.0 || !std::isfinite(m)) return m;
   const int e = std::ilogb(m);
   double sum = 0.0;
-  for (double n : out.per_span) sum += element_power(std::ldexp(n, -e), order);
-  out.total = std::ldexp(root(sum, order), e);
-  return out;
+  for (int32_t s : members) sum += element_power(std::ldexp(n.per_span[s], -e), order);
+  return std::ldexp(root(sum, order), e);
+}
+
+// Per-span norms (rescuing overflowed or underflowed power sums), then the
+// total and the per-group norms.
+void finish_norms(const std::vector<Span>& spans, NormOrder order, const Grouping& groups, Norms& n) {
+  std::vector<char> rescued(spans.size(), 0);
+  n.per_span.resize(spans.size());
+  for (size_t s = 0; s < spans.size(); ++s) {
+    const double ps = n.power_sum[s];
+    if (order.kind != NormOrder::kInf &&
+        (ps == HUGE_VAL || (ps < kTinyPowerSum && may_underflow(spans[s].dtype, order)))) {
+      n.per_span[s] = rescued_norm(spans[s], order);
+      rescued[s] = 1;
+    } else {
+      n.per_span[s] = root(ps, order);
+    }
+  }
+  std::vector<int32_t> all(spans.size());
+  for (size_t s = 0; s < spans.size(); ++s) all[s] = static_cast<int32_t>(s);
+  n.total = combined_norm(spans, order, n, rescued, all);
+
+  n.per_group.assign(groups.n_groups, 0.0);
+  if (groups.n_groups == 0) return;
+  std::vector<std::vector<int32_t>> members(groups.n_groups);
+  for (size_t s = 0; s < spans.size(); ++s) members[groups.group_of_span[s]].push_back(static_cast<int32_t>(s));
+  for (int32_t g = 0; g < groups.n_groups; ++g) n.per_group[g] = combined_norm(spans, order, n, rescued, members[g]);
+}
+
+}  // namespace
+
+Norms compute_norms(const std::vector<Span>& spans, NormOrder order, const Grouping& groups) {
+  Norms n;
+  n.power_sum = power_sums(spans, order, nullptr);
+  finish_norms(spans, order, groups, n);
+  return n;
+}
+
+void renorm_spans(const std::vector<Span>& spans, NormOrder order, const std::vector<char>& selected,
+                  const Grouping& groups, Norms& norms) {
+  const std::vector<double> redone = power_sums(spans, order, &selected);
+  for (size_t s = 0; s < spans.size(); ++s)
+    if (selected[s]) norms.power_sum[s] = redone[s];
+  finish_norms(spans, order, groups, norms);
+}
+
+namespace {
+
+// An element is NaN or inf exactly when its exponent bits are all ones.
+template <class Bits, Bits kExponent>
+int64_t zero_nonfinite_block(void* data, int64_t n) {
+  Bits* x = static_cast<Bits*>(data);
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if ((x[i] & kExponent) == kExponent) {
+      x[i] = 0;
+      ++count;
+    }
+  }
+  return count;
+}
+
+}  // namespace
+
+int64_t zero_nonfinite(const std::vector<Span>& spans, const std::vector<char>& selected) {
+  const ChunkPlan plan(spans, &selected);
+  std::vector<int64_t> counts(plan.chunks.size(), 0);
+  plan.for_each([&](size_t c, const Chunk& ch) {
+    const Span& s = spans[ch.span];
+    void* x = const_cast<char*>(element_ptr(s, ch.begin));
+    switch (s.dtype) {
+      case DType::kF32: counts[c] = zero_nonfinite_block<uint32_t, 0x7f800000u>(x, ch.n); break;
+      case DType::kF64: counts[c] = zero_nonfinite_block<uint64_t, 0x7ff0000000000000ull>(x, ch.n); break;
+      case DType::kF16: counts[c] = zero_nonfinite_block<uint16_t, 0x7c00u>(x, ch.n); break;
+      case DType::kBF16: counts[c] = zero_nonfinite_block<uint16_t, 0x7f80u>(x, ch.n); break;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c : counts) total += c;
+  return total;
 }
 
 void scale(const std::vector<Span>& spans, const std::vector<double>& coefs) {
@@ -216,16 +283,16 @@ double round_to_dtype(double v, DType t) {
 
 }  // namespace
 
-bool clamp_symmetric(const std::vector<Span>& spans, double limit) {
-  double hi_of[kNumDTypes];
-  for (int d = 0; d < kNumDTypes; ++d) hi_of[d] = round_to_dtype(limit, DType(d));
+bool clamp_symmetric(const std::vector<Span>& spans, const std::vector<double>& limits) {
+  std::vector<double> hi_of(spans.size());
+  for (size_t s = 0; s < spans.size(); ++s) hi_of[s] = round_to_dtype(limits[s], spans[s].dtype);
   const IsaKernels& isa = active_isa();
   const ChunkPlan plan(spans);
   std::atomic<bool> changed{false};
   plan.for_each([&](size_t, const Chunk& ch) {
     const Span& s = spans[ch.span];
-    const int d = int(s.dtype);
-    if (isa.clamp[d](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, -hi_of[d], hi_of[d]))
+    const double hi = hi_of[ch.span];
+    if (isa.clamp[int(s.dtype)](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, -hi, hi))
       changed.store(true, std::memory_order_relaxed);
   });
   return changed.load();

@@ -2,6 +2,7 @@
 // overflow-safe norm, and in-place updates. No Python or framework types.
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include "core/types.h"
@@ -9,20 +10,39 @@
 namespace gradclip::cpu {
 
 struct Norms {
-  std::vector<double> per_span;  // the p-norm of each span
-  double total;                  // the p-norm of all spans together
+  std::vector<double> per_span;   // the p-norm of each span
+  double total;                   // the p-norm of all spans together
+  std::vector<double> per_group;  // the p-norm of each group's spans (when grouped)
+  std::vector<double> power_sum;  // per span, the unrooted sum: lets renorm_spans redo a few spans
+};
+
+// Spans assigned to groups, e.g. an optimizer's param groups: group_of_span[s]
+// is in [0, n_groups). Empty (the default): no per-group norms.
+struct Grouping {
+  std::vector<int32_t> group_of_span;
+  int32_t n_groups = 0;
 };
 
 // Results do not depend on the thread count or the ISA (see isa_kernels.h).
 // Finite inputs never give an inf norm unless the true norm exceeds float64.
-Norms compute_norms(const std::vector<Span>& spans, NormOrder order);
+// A group's norm is computed exactly as the total is, over that group's spans.
+Norms compute_norms(const std::vector<Span>& spans, NormOrder order, const Grouping& groups = {});
+
+// Recomputes the norms of the selected spans only (after they were modified)
+// and, from them and the others' saved power sums, every total.
+void renorm_spans(const std::vector<Span>& spans, NormOrder order, const std::vector<char>& selected,
+                  const Grouping& groups, Norms& norms);
+
+// Sets every NaN and inf element of the selected spans to +0; returns how many.
+int64_t zero_nonfinite(const std::vector<Span>& spans, const std::vector<char>& selected);
 
 // spans[i] *= coefs[i]; spans whose coefficient is exactly 1 are not touched.
 void scale(const std::vector<Span>& spans, const std::vector<double>& coefs);
 
-// Clamps every element to [-limit, limit], the bound first rounded to each
-// span's dtype. Returns true when some element changed. Symmetric on purpose:
-// it then commutes with negation, which negative-bit views rely on (intake.cpp).
-bool clamp_symmetric(const std::vector<Span>& spans, double limit);
+// Clamps every element of span i to [-limits[i], limits[i]], the bound first
+// rounded to the span's dtype. Returns true when some element changed. Symmetric
+// on purpose: it then commutes with negation, which negative-bit views rely on
+// (intake.cpp).
+bool clamp_symmetric(const std::vector<Span>& spans, const std::vector<double>& limits);
 
 }  // namespace gradclip::cpu

@@ -1,0 +1,40 @@
+// Adaptive gradient clipping (Brock et al. 2021, NFNets), unit-wise: the
+// gradient of each unit (a row: one index of the first dimension) is scaled so
+// that its norm is at most clipping * max(||parameter row||, eps). One pass
+// reads every parameter and gradient row; only clipped gradient rows are written.
+// No Python or framework types.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/types.h"
+
+namespace gradclip::cpu {
+
+// A tensor as a stack of equal rows: `span` holds `rows` contiguous blocks.
+struct RowSpan {
+  Span span;
+  int64_t rows;
+};
+
+struct UnitClipRequest {
+  NormOrder order = NormOrder::from_p(2.0);
+  double clipping = 0.01;  // lambda: the largest allowed ||grad row|| / max(||param row||, eps)
+  double eps = 1e-3;       // floor on parameter-row norms, so zero-initialised rows can still move
+};
+
+struct UnitClipOutcome {
+  std::vector<double> param_norms;  // per tensor, the norm of the whole parameter
+  std::vector<double> grad_norms;   // per tensor, the norm of the whole gradient before clipping
+  int64_t units = 0;                // rows seen
+  int64_t clipped_units = 0;        // rows scaled down
+  bool nonfinite = false;           // some gradient row norm was NaN or inf (it propagates)
+};
+
+// params[i] and grads[i] are the same tensor's parameter and gradient, with the
+// same number of rows and elements (the caller checks); grads are scaled in place.
+UnitClipOutcome clip_units(const std::vector<RowSpan>& params, const std::vector<RowSpan>& grads,
+                           const UnitClipRequest& request);
+
+}  // namespace gradclip::cpu
