@@ -635,3 +635,22 @@ def test_results_are_on_the_grads_device_and_as_float_tensors():
     total = gradclip.clip_grad_norm_(params_of(grads), 1.0)
     assert total.device.type == "cpu" and not total.requires_grad
     assert as_f64(total).shape == ()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_norm_beyond_float32_range_returns_float32_inf_and_clips_correctly(dtype):
+    # Finite float32 / bfloat16 grads whose float64 norm (~1e40) exceeds
+    # float32's range: the internal norm is finite, so the grads are scaled by
+    # max_norm / norm; the documented float32 result is that norm rounded to
+    # float32, i.e. inf. In no case may the call raise after scaling the grads.
+    grads = [torch.full((1000,), 3.0e38, dtype=dtype), torch.full((5,), -3.0e38, dtype=dtype)]
+    ref = ref_norm(grads, 2.0)
+    assert math.isfinite(ref) and ref > float(torch.finfo(torch.float32).max)
+    params = params_of(grads)
+    total = gradclip.clip_grad_norm_(params, 1.0)
+    assert total.dtype == torch.float32
+    assert_norm_close(total, ref, 2.0, torch.float32)  # float32(ref): inf
+    for p, g in zip(params, grads):
+        assert_scaled(p.grad, g, 1.0, ref, norm_rtol(2.0))
+    assert_norm_close(gradclip.get_total_norm(grads), ref, 2.0, torch.float32)
+    assert_norm_close(gradclip.global_norm(grads), ref, 2.0, torch.float32)
