@@ -1,0 +1,290 @@
+"""Bitwise reproducibility: every ISA the CPU supports, every thread count, and
+concurrent callers give identical norms and identical written bits."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import gradclip
+from gradclip import _core
+from conftest import (
+    CHUNK_ELEMS,
+    COMPILED_ISAS,
+    INF,
+    NAN,
+    NORM_ORDERS,
+    PARALLEL_MIN_ELEMS,
+    SUPPORTED_ISAS,
+    UNSUPPORTED_ISAS,
+    bits,
+    clone_all,
+    make_numpy,
+    make_torch,
+    run_python,
+)
+
+
+@contextlib.contextmanager
+def active_isa(name: str):
+    before = _core.active_isa()
+    _core.set_active_isa(name)
+    try:
+        yield
+    finally:
+        _core.set_active_isa(before)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    before = gradclip.get_num_threads()
+    gradclip.set_num_threads(n)
+    try:
+        yield
+    finally:
+        gradclip.set_num_threads(before)
+
+
+def mixed_list(sizes, seed: int, specials: bool = False):
+    """Tensors of every dtype, cycling, with sizes that hit SIMD tails and chunk edges."""
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    out = []
+    for i, n in enumerate(sizes):
+        t = make_torch(n, dtypes[i % 4], seed + i, scale=2.0)
+        if specials and n > 40:
+            t[n // 3] = -0.0
+            t[n // 2] = 1e-3
+        out.append(t)
+    return out
+
+
+def battery(make_inputs):
+    """Every operation on fresh copies of the inputs; returns everything
+    observable (norms as float64 bits, written tensors as raw bits)."""
+    results = {}
+    for p in NORM_ORDERS:
+        xs = make_inputs()
+        results[f"global_norm/{p}"] = float(gradclip.global_norm(xs, p))
+        results[f"tensor_norms/{p}"] = gradclip.tensor_norms(xs, p).numpy().tobytes()
+        total = float(gradclip.tensor_norms(xs, p).max())
+        xs = make_inputs()
+        results[f"clip_by_global_norm_/{p}"] = float(gradclip.clip_by_global_norm_(xs, total / 5, p))
+        results[f"clip_by_global_norm_/{p}/bits"] = b"".join(bits(x).tobytes() for x in xs)
+        xs = make_inputs()
+        results[f"clip_by_norm_/{p}"] = gradclip.clip_by_norm_(xs, total / 3, p).numpy().tobytes()
+        results[f"clip_by_norm_/{p}/bits"] = b"".join(bits(x).tobytes() for x in xs)
+        xs = make_inputs()
+        results[f"normalize_/{p}"] = float(gradclip.normalize_(xs, 0.7, p))
+        results[f"normalize_/{p}/bits"] = b"".join(bits(x).tobytes() for x in xs)
+    xs = make_inputs()
+    results["clip_by_value_"] = gradclip.clip_by_value_(xs, 0.9)
+    results["clip_by_value_/bits"] = b"".join(bits(x).tobytes() for x in xs)
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in make_inputs()]
+    for prm, g in zip(params, make_inputs()):
+        prm.grad = g
+    results["clip_grad_norm_"] = float(gradclip.clip_grad_norm_(params, 0.5))
+    results["clip_grad_norm_/bits"] = b"".join(bits(prm.grad).tobytes() for prm in params)
+    return results
+
+
+def assert_same_results(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not (a[k] == b[k] or (isinstance(a[k], float) and np.isnan(a[k]) and np.isnan(b[k])))]
+    assert not differing, f"{what}: results differ bitwise for {differing}"
+
+
+# --------------------------------------------------------------------------
+# ISAs
+# --------------------------------------------------------------------------
+
+ISA_SIZES = [0, 1, 15, 16, 17, 31, 33, 100, 32767, 32768, 32769, 65537]
+
+
+def test_isa_lists_are_consistent():
+    info = gradclip.build_info()
+    assert info["compiled_isas"] == COMPILED_ISAS and info["supported_isas"] == SUPPORTED_ISAS
+    assert "scalar" in SUPPORTED_ISAS and set(SUPPORTED_ISAS) <= set(COMPILED_ISAS)
+    assert info["isa"] == _core.active_isa() and info["isa"] in SUPPORTED_ISAS
+
+
+def test_isa_fixture_sets_the_isa(isa):
+    assert _core.active_isa() == isa
+    assert gradclip.build_info()["isa"] == isa
+
+
+def test_every_isa_gives_the_scalar_results_bitwise(isa):
+    make = lambda: mixed_list(ISA_SIZES, seed=1000, specials=True)  # noqa: E731
+    got = battery(make)
+    with active_isa("scalar"):
+        expected = battery(make)
+    assert_same_results(got, expected, f"{isa} vs scalar")
+
+
+@pytest.mark.parametrize("p", NORM_ORDERS)
+def test_every_isa_with_nan_and_inf_in_simd_blocks_and_tails(isa, p):
+    def make():
+        xs = mixed_list([16, 17, 33, 32769], seed=1100)
+        xs[0][3] = NAN      # inside a full 16-lane block
+        xs[1][16] = -INF    # in the tail
+        xs[3][32768] = INF  # first element of the second chunk
+        return xs
+
+    got = (float(gradclip.global_norm(make(), p)), gradclip.tensor_norms(make(), p).numpy().tobytes())
+    xs = make()
+    gradclip.clip_by_value_(xs, 0.25)
+    got_bits = [bits(x).tobytes() for x in xs]
+    with active_isa("scalar"):
+        expected = (float(gradclip.global_norm(make(), p)), gradclip.tensor_norms(make(), p).numpy().tobytes())
+        xs = make()
+        gradclip.clip_by_value_(xs, 0.25)
+        expected_bits = [bits(x).tobytes() for x in xs]
+    assert np.isnan(got[0]) and np.isnan(expected[0])
+    assert got[1] == expected[1]
+    assert got_bits == expected_bits
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("size", [15, 16, 17, 31, 47, 33000])
+def test_every_isa_scaling_and_clamping_of_numpy_arrays(isa, dtype, size):
+    def make():
+        return [make_numpy(size, dtype, 1200 + size, scale=4.0)]
+
+    def run():
+        xs = make()
+        n = gradclip.clip_by_global_norm_(xs, 1.0)
+        ys = make()
+        changed = gradclip.clip_by_value_(ys, 1.5)
+        return n, bits(xs[0]).tobytes(), changed, bits(ys[0]).tobytes()
+
+    got = run()
+    with active_isa("scalar"):
+        expected = run()
+    assert got == expected
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED_ISAS or ["(none)"])
+def test_unsupported_isa_is_refused(name):
+    before = _core.active_isa()
+    if name == "(none)":
+        assert set(SUPPORTED_ISAS) == set(COMPILED_ISAS)  # every compiled ISA runs here
+        return
+    with pytest.raises(ValueError, match=f"this CPU cannot run '{name}'"):
+        _core.set_active_isa(name)
+    assert _core.active_isa() == before
+
+
+def test_unknown_isa_is_refused():
+    with pytest.raises(ValueError, match="not compiled into this build"):
+        _core.set_active_isa("sse9")
+
+
+def test_gradclip_isa_environment_caps_the_isa():
+    for name in COMPILED_ISAS:
+        out = run_python("import gradclip; print(gradclip.build_info()['isa'])", {"GRADCLIP_ISA": name})
+        expected = name if name in SUPPORTED_ISAS else SUPPORTED_ISAS[-1]
+        assert out.strip() == expected, f"GRADCLIP_ISA={name}"
+
+
+# --------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------
+
+# > 2^18 elements in total (the threshold for using the pool), spread over
+# tensors of every dtype with odd sizes so that chunks and tasks do not align.
+BIG_SIZES = [200_003, 65_537, 33, 70_001, 40_000, 1, 32_768, 12_345]
+assert sum(BIG_SIZES) > PARALLEL_MIN_ELEMS + 4 * CHUNK_ELEMS
+
+
+def big_inputs():
+    return mixed_list(BIG_SIZES, seed=1300, specials=True)
+
+
+@pytest.fixture(scope="module")
+def big_reference():
+    with num_threads(1), active_isa("scalar"):
+        return battery(big_inputs)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 7])
+def test_thread_count_does_not_change_any_bit(threads, big_reference, isa, restore_threads):
+    gradclip.set_num_threads(threads)
+    assert gradclip.get_num_threads() == threads
+    assert_same_results(battery(big_inputs), big_reference, f"{threads} threads, {isa}")
+
+
+def test_results_repeat_bitwise_across_runs(restore_threads):
+    gradclip.set_num_threads(2)
+    first = battery(big_inputs)
+    assert_same_results(battery(big_inputs), first, "second run")
+
+
+def test_concurrent_callers_get_identical_results(big_reference, restore_threads):
+    gradclip.set_num_threads(2)
+    results, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            results[i] = battery(big_inputs)
+        except AssertionError as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    for r in results:
+        assert_same_results(r, big_reference, "concurrent caller")
+
+
+def test_set_num_threads_zero_means_default(restore_threads):
+    default = gradclip.build_info()["num_threads"]
+    gradclip.set_num_threads(5)
+    assert gradclip.get_num_threads() == 5
+    gradclip.set_num_threads(0)
+    assert gradclip.get_num_threads() >= 1
+    out = run_python("import gradclip; print(gradclip.get_num_threads())", {"GRADCLIP_NUM_THREADS": "3"})
+    assert out.strip() == "3"
+    assert default >= 1
+
+
+def test_large_lists_really_use_worker_threads():
+    # In a fresh process (no pool yet): a list just below 2^18 elements runs on
+    # the caller's thread; one above it starts the pool's worker threads.
+    out = run_python(
+        f"""
+        import os, numpy as np, gradclip
+        def count():
+            return len(os.listdir('/proc/self/task'))
+        gradclip.set_num_threads(4)
+        base = count()
+        small = [np.ones({PARALLEL_MIN_ELEMS} - 1, np.float32)]
+        gradclip.global_norm(small); gradclip.clip_by_value_(small, 0.5); gradclip.clip_by_global_norm_(small, 1.0)
+        after_small = count()
+        big = [np.ones({PARALLEL_MIN_ELEMS + 4 * CHUNK_ELEMS}, np.float32)]
+        gradclip.global_norm(big)
+        print(base, after_small, count())
+        """
+    )
+    base, after_small, after_big = map(int, out.split())
+    assert after_small == base, "a list below 2^18 elements started threads"
+    assert base < after_big <= base + 3, f"threads {base} -> {after_big}"
+
+
+def test_big_list_results_are_correct_not_only_reproducible(restore_threads):
+    from conftest import assert_norm_close, norm_rtol, ref_norm, assert_scaled
+
+    gradclip.set_num_threads(4)
+    xs = big_inputs()
+    before = clone_all(xs)
+    for p in NORM_ORDERS:
+        assert_norm_close(gradclip.global_norm(xs, p), ref_norm(before, p), p, torch.float64)
+    ref = ref_norm(before, 2.0)
+    norm = gradclip.clip_by_global_norm_(xs, ref / 7)
+    for x, b in zip(xs, before):
+        assert_scaled(x, b, ref / 7, float(norm), 0.0)
