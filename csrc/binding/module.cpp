@@ -91,6 +91,39 @@ void check_limit(double v, const std::string& what) {
   if (!(v >= 0.0)) throw py::value_error(what + " must be >= 0 (and not NaN), got " + std::to_string(v));
 }
 
+// `seq` as a list or tuple, so that it can be read more than once (a
+// generator such as model.parameters() cannot).
+py::object as_sequence(py::handle seq, const char* argname) {
+  PyObject* fast = PySequence_Fast(seq.ptr(), "");
+  if (!fast) {
+    PyErr_Clear();
+    throw py::type_error(std::string(argname) + ": expected a sequence of tensors or arrays, got " +
+                         Py_TYPE(seq.ptr())->tp_name);
+  }
+  return py::reinterpret_steal<py::object>(fast);
+}
+
+// Group numbers of the items of `seq` (a list or tuple, one per item), checked
+// against the number of groups. None: every item in group 0. With
+// allow_left_out, -1 marks an item to leave out.
+std::vector<int32_t> item_groups(py::handle seq, py::object group_of_item, size_t n_groups,
+                                 bool allow_left_out = false) {
+  const Py_ssize_t n_items = PySequence_Size(seq.ptr());
+  if (n_items < 0) throw py::error_already_set();
+  if (group_of_item.is_none()) return std::vector<int32_t>(n_items, 0);
+  const auto groups = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(group_of_item);
+  if (!groups) throw py::type_error("group_of_item: expected a sequence of integers");
+  if (groups.ndim() != 1 || groups.shape(0) != n_items)
+    throw py::value_error("group_of_item: expected one group per item (" + std::to_string(n_items) + "), got " +
+                          std::to_string(groups.size()));
+  std::vector<int32_t> out(groups.data(), groups.data() + n_items);
+  for (Py_ssize_t i = 0; i < n_items; ++i)
+    if (out[i] < (allow_left_out ? -1 : 0) || out[i] >= int64_t(n_groups))
+      throw py::value_error("group_of_item[" + std::to_string(i) + "]: group " + std::to_string(out[i]) +
+                            " has no limit (" + std::to_string(n_groups) + " given)");
+  return out;
+}
+
 // Norm, coefficient and rescale in one call, on one group. With skip_nonfinite
 // nothing is written when a norm is NaN or inf (the caller then raises or skips).
 py::dict clip_norm(py::handle seq, double max_norm, double p, double eps, const std::string& mode_name,
@@ -138,32 +171,24 @@ py::dict clip(py::handle seq, const std::vector<double>& limits, py::object grou
   for (size_t g = 0; g < limits.size(); ++g) check_limit(limits[g], "limits[" + std::to_string(g) + "]");
   req.limits = limits;
 
-  Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
-  if (!group_of_item.is_none()) {
-    const auto groups = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(group_of_item);
-    if (!groups) throw py::type_error("group_of_item: expected a sequence of integers");
-    const Py_ssize_t n_items = PySequence_Size(seq.ptr());
-    if (groups.ndim() != 1 || groups.shape(0) != n_items)
-      throw py::value_error("group_of_item: expected one group per item of " + std::string(argname) + " (" +
-                            std::to_string(n_items) + "), got " + std::to_string(groups.size()));
-    const int32_t* group = groups.data();
+  const bool grouped = !group_of_item.is_none();
+  const py::object items = as_sequence(seq, argname);
+  const std::vector<int32_t> group = item_groups(items, group_of_item, limits.size());
+  Intake in(items.ptr(), {argname, grad_attr, Access::kWrite});
+  if (grouped) {
     req.groups.n_groups = static_cast<int32_t>(limits.size());
     req.groups.group_of_span.assign(in.spans.size(), -1);
-    std::vector<int32_t> first_entry_of_span(in.spans.size(), -1);
+    std::vector<int32_t> first_item_of_span(in.spans.size(), -1);
     for (size_t e = 0; e < in.span_of_entry.size(); ++e) {
       const int32_t item = in.list_index_of_entry[e];
-      const int32_t g = group[item];
-      if (g < 0 || g >= req.groups.n_groups)
-        throw py::value_error("group_of_item[" + std::to_string(item) + "]: group " + std::to_string(g) +
-                              " has no limit (" + std::to_string(limits.size()) + " limits given)");
       const int32_t s = in.span_of_entry[e];
       if (req.groups.group_of_span[s] < 0) {
-        req.groups.group_of_span[s] = g;
-        first_entry_of_span[s] = static_cast<int32_t>(e);
-      } else if (req.groups.group_of_span[s] != g) {
+        req.groups.group_of_span[s] = group[item];
+        first_item_of_span[s] = item;
+      } else if (req.groups.group_of_span[s] != group[item]) {
         const IntakeOptions labels{argname, grad_attr, Access::kWrite};
         throw py::value_error(binding::item_label(labels, item) + ": the same memory as " +
-                              binding::item_label(labels, in.list_index_of_entry[first_entry_of_span[s]]) +
+                              binding::item_label(labels, first_item_of_span[s]) +
                               " but in another group; one tensor cannot follow two limits");
       }
     }
@@ -193,31 +218,41 @@ py::dict clip(py::handle seq, const std::vector<double>& limits, py::object grou
 }
 
 // Adaptive gradient clipping over `seq` (parameters with .grad): each gradient
-// row is limited to clipping * max(||parameter row||, eps). The parameters and
-// their gradients are both validated before any gradient is written.
-py::dict clip_units(py::handle seq, double clipping, double eps, double p, const char* argname) {
+// row is limited to clipping * max(||parameter row||, eps), with one clipping
+// factor per group (group -1: left out). The parameters and their gradients
+// are all validated before any gradient is written.
+py::dict clip_units(py::handle seq, const std::vector<double>& clipping, py::object group_of_item, double eps,
+                    double p, const std::string& nonfinite, const char* argname) {
   cpu::UnitClipRequest req;
   req.order = parse_order(p);
-  if (!(clipping > 0.0) || std::isinf(clipping))
-    throw py::value_error("clipping must be > 0 and finite, got " + std::to_string(clipping));
+  req.nonfinite = parse_nonfinite(nonfinite);
+  if (clipping.empty()) throw py::value_error("clipping: expected one factor per group, got none");
+  for (size_t g = 0; g < clipping.size(); ++g)
+    if (!(clipping[g] > 0.0) || std::isinf(clipping[g]))
+      throw py::value_error("clipping[" + std::to_string(g) + "] must be > 0 and finite, got " +
+                            std::to_string(clipping[g]));
   check_limit(eps, "eps");
-  req.clipping = clipping;
   req.eps = eps;
+  const py::object items = as_sequence(seq, argname);
+  const std::vector<int32_t> group = item_groups(items, group_of_item, clipping.size(), true);
+  std::vector<int32_t> taken;  // items in a group (not -1): the others are not even read
+  for (size_t i = 0; i < group.size(); ++i)
+    if (group[i] >= 0) taken.push_back(static_cast<int32_t>(i));
 
-  const IntakeOptions grad_options{argname, true, Access::kWrite, true};
-  Intake grads(seq.ptr(), grad_options);
+  const IntakeOptions grad_options{argname, true, Access::kWrite, true, &taken};
+  Intake grads(items.ptr(), grad_options);
   // The parameters of those gradients only (a frozen parameter is not read):
   // parameter entry k belongs to gradient entry k.
   const IntakeOptions param_options{argname, false, Access::kRead, true, &grads.list_index_of_entry};
-  Intake params(seq.ptr(), param_options);
+  Intake params(items.ptr(), param_options);
+  // Unique gradient span s becomes tensor s of the request (spans are numbered
+  // in order of first appearance, so visiting entries in order meets them in order).
   std::vector<cpu::RowSpan> param_rows, grad_rows;
   param_rows.reserve(grads.spans.size());
   grad_rows.reserve(grads.spans.size());
-  std::vector<char> seen(grads.spans.size(), 0);
   for (size_t e = 0; e < grads.span_of_entry.size(); ++e) {
     const int32_t s = grads.span_of_entry[e];
-    if (seen[s]) continue;  // the same gradient twice: clipped once
-    seen[s] = 1;
+    if (size_t(s) < grad_rows.size()) continue;  // the same gradient again: clipped once
     const int32_t item = grads.list_index_of_entry[e];
     const Span& g = grads.spans[s];
     const Span& w = params.spans[params.span_of_entry[e]];
@@ -229,13 +264,16 @@ py::dict clip_units(py::handle seq, double clipping, double eps, double p, const
                             "; a gradient must have its parameter's shape");
     grad_rows.push_back({g, g_rows});
     param_rows.push_back({w, w_rows});
+    req.clipping.push_back(clipping[group[item]]);
   }
-  // grad_rows[i] belongs to unique gradient span i (spans are in order of first appearance).
   cpu::UnitClipOutcome r;
   {
     py::gil_scoped_release nogil;
     r = cpu::clip_units(param_rows, grad_rows, req);
   }
+  std::vector<int32_t> nonfinite_items;
+  for (size_t e = 0; e < grads.span_of_entry.size(); ++e)
+    if (r.nonfinite_grads[grads.span_of_entry[e]]) nonfinite_items.push_back(grads.list_index_of_entry[e]);
   py::dict d = describe(grads);
   d["param_norms"] = per_entry(grads, r.param_norms);
   d["grad_norms"] = per_entry(grads, r.grad_norms);
@@ -243,6 +281,8 @@ py::dict clip_units(py::handle seq, double clipping, double eps, double p, const
   d["units"] = r.units;
   d["clipped_units"] = r.clipped_units;
   d["nonfinite"] = r.nonfinite;
+  d["nonfinite_indices"] = py::array_t<int32_t>(static_cast<py::ssize_t>(nonfinite_items.size()), nonfinite_items.data());
+  d["zeroed"] = r.zeroed;
   return d;
 }
 
@@ -279,8 +319,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("argname"), py::arg("grad_attr"), py::arg("per_tensor"), py::arg("skip_nonfinite"));
   m.def("clip", &clip, py::arg("seq"), py::arg("limits"), py::arg("group_of_item"), py::arg("p"), py::arg("eps"),
         py::arg("mode"), py::arg("nonfinite"), py::arg("argname"), py::arg("grad_attr"));
-  m.def("clip_units", &clip_units, py::arg("seq"), py::arg("clipping"), py::arg("eps"), py::arg("p"),
-        py::arg("argname"));
+  m.def("clip_units", &clip_units, py::arg("seq"), py::arg("clipping"), py::arg("group_of_item"), py::arg("eps"),
+        py::arg("p"), py::arg("nonfinite"), py::arg("argname"));
   m.def("scale", &scale, py::arg("seq"), py::arg("coef"), py::arg("argname"), py::arg("grad_attr"));
   m.def("clamp", &clamp, py::arg("seq"), py::arg("limit"), py::arg("argname"), py::arg("grad_attr"));
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/types.h"
+#include "cpu/clip.h"
 
 namespace gradclip::cpu {
 
@@ -20,16 +21,19 @@ struct RowSpan {
 
 struct UnitClipRequest {
   NormOrder order = NormOrder::from_p(2.0);
-  double clipping = 0.01;  // lambda: the largest allowed ||grad row|| / max(||param row||, eps)
-  double eps = 1e-3;       // floor on parameter-row norms, so zero-initialised rows can still move
+  std::vector<double> clipping;  // per tensor, lambda: the largest allowed ||grad row|| / max(||param row||, eps)
+  double eps = 1e-3;             // floor on parameter-row norms, so zero-initialised rows can still move
+  NonfinitePolicy nonfinite = NonfinitePolicy::kPropagate;  // as for clip(), on gradient rows
 };
 
 struct UnitClipOutcome {
   std::vector<double> param_norms;  // per tensor, the norm of the whole parameter
-  std::vector<double> grad_norms;   // per tensor, the norm of the whole gradient before clipping
-  int64_t units = 0;                // rows seen
-  int64_t clipped_units = 0;        // rows scaled down
-  bool nonfinite = false;           // some gradient row norm was NaN or inf (it propagates)
+  std::vector<double> grad_norms;   // per tensor, the norm of the whole gradient before clipping (after zeroing)
+  std::vector<char> nonfinite_grads;  // per tensor: a gradient row norm was NaN or inf before any repair
+  int64_t units = 0;                  // rows seen
+  int64_t clipped_units = 0;          // rows scaled down (or that would be, when held)
+  bool nonfinite = false;             // some tensor in nonfinite_grads
+  int64_t zeroed = 0;                 // elements set to 0 by NonfinitePolicy::kZero
 };
 
 // params[i] and grads[i] are the same tensor's parameter and gradient, with the

@@ -14,17 +14,38 @@ from typing import Any, Dict
 from . import _core
 from .array_api import clip_by_global_norm_, clip_by_norm_, clip_by_value_, global_norm, normalize_, tensor_norms
 from .torch_api import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .adaptive import AutoClip, ZClip
+from .training import (
+    ClipHandle,
+    CsvLogger,
+    NonfiniteGradientError,
+    StepRecord,
+    TensorBoardLogger,
+    adaptive_clip_grad_,
+    attach,
+    clip_gradients_,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "AutoClip",
+    "ClipHandle",
+    "CsvLogger",
+    "NonfiniteGradientError",
+    "StepRecord",
+    "TensorBoardLogger",
+    "ZClip",
+    "adaptive_clip_grad_",
+    "attach",
     "build_info",
     "clip_by_global_norm_",
     "clip_by_norm_",
     "clip_by_value_",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "clip_gradients_",
     "clip_grads_with_norm_",
     "get_num_threads",
     "get_total_norm",
