@@ -17,6 +17,7 @@ import csv
 import io
 import math
 import os
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -384,7 +385,7 @@ class ClipHandle:
         inner = opt.step
         handle = self
 
-        def step(*args, **kwargs):
+        def step(self_, *args, **kwargs):
             if not handle._active:
                 return inner(*args, **kwargs)
             try:
@@ -392,10 +393,14 @@ class ClipHandle:
             except _SkipStep:
                 return None
 
+        # Keep the markers others put on step (e.g. torch's LR schedulers check
+        # `_wrapped_by_lr_sched`), and install a bound method, as schedulers
+        # created later expect (they rebind `step.__func__`).
+        step.__dict__.update(getattr(inner, "__dict__", {}))
         step.__wrapped__ = inner  # type: ignore[attr-defined]
-        self._wrapper = step
+        self._wrapper = types.MethodType(step, opt)
         self._previous_step = (had_own, opt.__dict__.get("step"))
-        opt.step = step
+        opt.step = self._wrapper
 
     def remove(self) -> None:
         """Detach: the hook is removed and ``optimizer.step`` restored (or, if
@@ -477,6 +482,9 @@ class ClipHandle:
                 "gradclip.attach: the gradients are still scaled by GradScaler (this optimizer unscales inside "
                 "its fused step); call scaler.unscale_(optimizer) before scaler.step(optimizer)"
             )
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return  # GradScaler found infs: this fused optimizer's step will skip the update itself
         params, pools, limits = self._layout()
         record = self._engine.run(params, pools, limits, self._names)
         self.last = record
