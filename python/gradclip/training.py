@@ -161,7 +161,10 @@ def _check_limit(value: Any, what: str) -> Optional[float]:
     if value is None:
         return None
     if what == "agc" or what.endswith("['agc']"):
-        v = nonnegative(value, what)
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{what} must be a number, got {value!r}") from None
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"{what} must be > 0 and finite (the AGC clipping factor), got {value!r}")
         return v
@@ -226,9 +229,9 @@ class _Engine:
 
     def _run_agc(self, params, pool_of_item, limits, names, step) -> StepRecord:
         r = _core.clip_units(params, limits, pool_of_item, self.agc_eps, self.p, self.nonfinite, "parameters")
-        held = self._held(r, names)
         r["norms"] = r["grad_norms"]
         r["total"] = _combine(r["grad_norms"], self.p)
+        held = self._held(r, names)
         clipped = (r["clipped_units"] > 0 and not held) or bool(r["zeroed"])
         return self._record(step, r, names, clip_coef=math.nan, clipped=clipped, skipped=held,
                             clipped_units=int(r["clipped_units"]))
