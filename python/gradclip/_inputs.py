@@ -10,6 +10,7 @@ import numpy as np
 
 # Bits of the native `dtype_mask` (the order of gradclip::DType).
 _F64_BIT = 1 << 1
+_F32_MAX = 3.4028234663852886e38
 
 
 def as_list(items: Any) -> Sequence[Any]:
@@ -73,6 +74,8 @@ def torch_scalar(torch: Any, value: float, info: Dict[str, Any], device: Any) ->
     """A 0-d norm tensor: float64 when any input is float64, else float32 (also
     for 16-bit inputs, whose norm torch would round to 16 bits)."""
     dtype = torch.float64 if result_dtype_is_f64(info) else torch.float32
+    if dtype is torch.float32 and abs(value) > _F32_MAX:
+        value = float("inf")  # a norm beyond float32 range rounds to inf, as torch.tensor() would
     if device.type == "cpu":
         return torch.scalar_tensor(value, dtype=dtype)  # ~1.6 us; torch.tensor() takes ~4 us
     return torch.scalar_tensor(value, dtype=dtype, device=device)

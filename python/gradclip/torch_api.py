@@ -32,13 +32,14 @@ __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_
 _EPS = 1e-6  # torch's: coef = max_norm / (total_norm + 1e-6)
 
 
-def _total_as_tensor(items, info, total: float) -> "torch.Tensor":
+def _total_as_tensor(items, info, total: float, of_grads: bool) -> "torch.Tensor":
+    """The total norm on the first gradient's (or, for get_total_norm, tensor's) device."""
     import torch
 
     if info["count"] == 0:
         return torch.tensor(0.0)
     first = items[info["first_index"]]
-    device = first.grad.device if hasattr(first, "grad") and first.grad is not None else first.device
+    device = first.grad.device if of_grads else first.device
     return torch_scalar(torch, total, info, device)
 
 
@@ -79,7 +80,7 @@ def clip_grad_norm_(
     total = info["total"]
     if error_if_nonfinite and not math.isfinite(total):
         raise nonfinite_error(p)
-    return _total_as_tensor(params, info, total)
+    return _total_as_tensor(params, info, total, of_grads=True)
 
 
 def get_total_norm(
@@ -100,7 +101,7 @@ def get_total_norm(
     total = info["total"]
     if error_if_nonfinite and not math.isfinite(total):
         raise nonfinite_error(p)
-    return _total_as_tensor(items, info, total)
+    return _total_as_tensor(items, info, total, of_grads=False)
 
 
 def clip_grads_with_norm_(
