@@ -1,0 +1,85 @@
+"""What every result row records about the machine and the software."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(args: list, cwd: Path) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def source_commit() -> Dict[str, Any]:
+    """The gradclip checkout's commit: ``GRADCLIP_COMMIT`` if set, else the git
+    repository around the current directory when it is a gradclip checkout.
+    (An installed wheel carries no commit; 'unknown' then.)"""
+    env = os.environ.get("GRADCLIP_COMMIT")
+    if env:
+        return {"commit": env, "dirty": None}
+    top = _git(["rev-parse", "--show-toplevel"], Path.cwd())
+    if top and (Path(top) / "python" / "gradclip" / "__init__.py").exists():
+        commit = _git(["rev-parse", "--short=12", "HEAD"], Path(top))
+        status = _git(["status", "--porcelain", "--", "csrc", "python", "CMakeLists.txt"], Path(top))
+        if commit:
+            return {"commit": commit, "dirty": bool(status)}
+    return {"commit": "unknown", "dirty": None}
+
+
+def machine_tag(device_name: str, threads: Optional[int] = None) -> str:
+    """A short file-name tag such as 'amd-epyc-2t' (CPU) or 'nvidia-h100-80gb-hbm3' (GPU)."""
+    slug = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*$|\d+-core", "", device_name.lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", slug).strip("-")[:32].strip("-") or "machine"
+    return f"{slug}-{threads}t" if threads else slug
+
+
+def collect(torch: Any, device: str) -> Dict[str, Any]:
+    import gradclip
+
+    info = gradclip.build_info()
+    gpu_name = ""
+    if device == "cuda":
+        gpu_name = torch.cuda.get_device_name(torch.cuda.current_device())
+    cpu = cpu_model()
+    meta: Dict[str, Any] = {
+        "device": device,
+        "device_name": gpu_name if device == "cuda" else cpu,
+        "cpu_model": cpu,
+        "gpu_name": gpu_name,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gradclip_threads": gradclip.get_num_threads(),
+        "gradclip_isa": info["isa"],
+        "gradclip_version": gradclip.__version__,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    meta.update(source_commit())
+    if device == "cuda":
+        meta["cuda_runtime"] = torch.version.cuda
+    return meta

@@ -1,0 +1,188 @@
+"""Turning a run into a table (text or Markdown), JSON, CSV, and the issue-A target check."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from .competitors import COMPETITORS
+
+SHORT = {"torch_foreach": "foreach", "torch_loop": "loop", "torch_compile": "compile", "numpy": "numpy"}
+
+# Issue A's targets for this 2-core CPU: (name, workload, dtype, mode, quantity, required).
+# "vs torch" is against the faster of foreach=True / foreach=False.
+ISSUE_A_TARGETS = (
+    (">= 15x torch, 2000 small tensors (clipped)", "tiny-2000", "fp32", "norm-clip", "speedup", 15.0),
+    (">= 15x torch, 2000 small tensors (not clipped)", "tiny-2000", "fp32", "norm-noclip", "speedup", 15.0),
+    (">= 1.2x torch, 64M set clipped", "transformer-64m", "fp32", "norm-clip", "speedup", 1.2),
+    (">= 2.5x torch, 64M set not clipped", "transformer-64m", "fp32", "norm-noclip", "speedup", 2.5),
+    (">= 2x torch, 64M set bf16 clipped", "transformer-64m", "bf16", "norm-clip", "speedup", 2.0),
+    (">= 2x torch, 64M set bf16 not clipped", "transformer-64m", "bf16", "norm-noclip", "speedup", 2.0),
+    (">= 85% of the two-pass floor, 64M set clipped", "transformer-64m", "fp32", "norm-clip", "fraction", 0.85),
+)
+
+
+def gradclip_rows(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [r for r in rows if r["contender"] == "gradclip"]
+
+
+def _find(rows: Sequence[Dict[str, Any]], workload: str, dtype: str, mode: str, contender: str = "gradclip"):
+    for r in rows:
+        if (r["workload"], r["dtype"], r["mode"], r["contender"]) == (workload, dtype, mode, contender):
+            return r
+    return None
+
+
+def targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Issue A's targets that this run measured (CPU only), each with the value and verdict."""
+    if result["meta"]["device"] != "cpu":
+        return []
+    out = []
+    for name, workload, dtype, mode, quantity, required in ISSUE_A_TARGETS:
+        row = _find(result["rows"], workload, dtype, mode)
+        if row is None or row.get("median_s") is None:
+            continue
+        value = row.get("speedup_vs_best_torch_eager") if quantity == "speedup" else row.get("fraction_of_ceiling")
+        if value is None:
+            continue
+        out.append({"target": name, "workload": workload, "dtype": dtype, "mode": mode, "quantity": quantity,
+                    "required": required, "measured": value, "met": bool(value >= required)})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Tables
+
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.3g}" if s * 1e3 < 100 else f"{s * 1e3:.0f}"
+
+
+def _x(v: Optional[float]) -> str:
+    return "-" if v is None else (f"{v:.1f}x" if v >= 10 else f"{v:.2f}x")
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _table_rows(result: Dict[str, Any]) -> List[List[str]]:
+    rows = result["rows"]
+    comps = [c for c in COMPETITORS if any(r["contender"] == c and r.get("median_s") for r in rows)]
+    header = ["workload", "dtype", "mode", "tensors", "elements", "gradclip ms (p20-p80)", "GB/s", "of ceiling"]
+    header += [f"vs {SHORT[c]}" for c in comps] + ["best torch of ceiling"]
+    out = [header]
+    for g in gradclip_rows(rows):
+        if g.get("median_s") is None:
+            out.append([g["workload"], g["dtype"], g["mode"], str(g["tensors"]), f"{g['elements'] / 1e6:.1f}M",
+                        g["status"]] + [""] * (len(header) - 6))
+            continue
+        torch_fracs = [r.get("fraction_of_ceiling") for r in rows
+                       if (r["workload"], r["dtype"], r["mode"]) == (g["workload"], g["dtype"], g["mode"])
+                       and r["contender"] in ("torch_foreach", "torch_loop") and r.get("fraction_of_ceiling")]
+        line = [
+            g["workload"], g["dtype"], g["mode"], str(g["tensors"]), f"{g['elements'] / 1e6:.1f}M",
+            f"{_fmt_time(g['median_s'])} ({_fmt_time(g['p20_s'])}-{_fmt_time(g['p80_s'])})",
+            f"{g['effective_gbs']:.1f}", _pct(g["fraction_of_ceiling"]),
+        ]
+        line += [_x(g.get(f"speedup_vs_{c}")) for c in comps]
+        line.append(_pct(max(torch_fracs)) if torch_fracs else "-")
+        out.append(line)
+    return out
+
+
+def caption(result: Dict[str, Any]) -> str:
+    m, c = result["meta"], result["ceilings"]
+    rounds = sorted({r["rounds"] for r in result["rows"] if r.get("rounds")})
+    rr = f"{rounds[0]}" if len(rounds) == 1 else (f"{rounds[0]}-{rounds[-1]}" if rounds else "?")
+    hw = m["gpu_name"] if m["device"] == "cuda" else f"{m['cpu_model']}, {m['cpu_count']} cores"
+    return (
+        f"{hw}; torch {m['torch_version']} ({m['threads']} threads), gradclip {m['gradclip_version']} "
+        f"({m['gradclip_isa']}, {m['gradclip_threads']} threads), commit {m['commit']}, {m['timestamp']}. "
+        f"Median of {rr} interleaved repetitions (p20-p80 in brackets), inputs restored before every call. "
+        f"Ceilings measured in the same run on {c['buffer_bytes'] >> 20} MiB: read {c['read_gbs']:.1f} GB/s, "
+        f"read+write {c['read_write_gbs']:.1f} GB/s. 'of ceiling' = time floor / median, where the floor is one "
+        f"read pass (norm-noclip), read + read/write passes (norm-clip) or one read/write pass (value-clip); "
+        f"'vs X' = X's median / gradclip's median."
+    )
+
+
+def text_table(result: Dict[str, Any]) -> str:
+    rows = _table_rows(result)
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(result: Dict[str, Any]) -> str:
+    rows = _table_rows(result)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(rows[0]) - 3)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def targets_text(ts: Sequence[Dict[str, Any]]) -> str:
+    if not ts:
+        return ""
+    lines = ["Issue-A targets (vs the faster of torch foreach=True/False):"]
+    for t in ts:
+        value = _x(t["measured"]) if t["quantity"] == "speedup" else _pct(t["measured"])
+        lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {value}")
+    return "\n".join(lines)
+
+
+def skipped_text(result: Dict[str, Any]) -> str:
+    notes: Dict[str, List[str]] = {}
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            notes.setdefault(f"{r['contender']}: {r['status']}", []).append(f"{r['workload']} {r['dtype']} {r['mode']}")
+    lines = []
+    for note, where in notes.items():
+        lines.append(f"  {note} ({len(where)} case{'s' if len(where) > 1 else ''})")
+    return ("Not timed:\n" + "\n".join(lines)) if lines else ""
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+_FIRST_COLUMNS = [
+    "workload", "mode", "op", "dtype", "contender", "label", "status", "tensors", "elements", "gradient_bytes",
+    "median_s", "p20_s", "p80_s", "min_s", "mean_s", "rounds", "warmup", "bytes_moved", "effective_gbs",
+    "floor_kind", "floor_s", "ceiling_gbs", "fraction_of_ceiling", "gradclip_speedup",
+    "speedup_vs_best_torch_eager", *[f"speedup_vs_{c}" for c in COMPETITORS], "compile_s",
+    "ceiling_read_gbs", "ceiling_read_write_gbs", "ceiling_copy_gbs", "limit", "true_norm",
+]
+
+
+def write_json(result: Dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def write_csv(result: Dict[str, Any], path: Path) -> None:
+    keys: List[str] = list(_FIRST_COLUMNS)
+    for r in result["rows"]:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in result["rows"]:
+            w.writerow({k: r.get(k, "") for k in keys})
+
+
+def write_markdown(result: Dict[str, Any], path: Path) -> None:
+    parts = [markdown_table(result), "", caption(result)]
+    t = targets_text(result.get("targets", []))
+    if t:
+        parts += ["", "```", t, "```"]
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+
+
+def load(path: Path) -> Dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
