@@ -66,4 +66,5 @@ def test_clip(benchmark, workload: str, dtype: str, mode: str, contender: str) -
     benchmark.extra_info.update(tensors=wl.tensors, elements=wl.elements, gradient_bytes=wl.elements * itemsize)
     returned = benchmark.pedantic(fn, setup=grads.restore, rounds=rounds, warmup_rounds=1, iterations=1)
     # The last round's effect is still in the gradients: it must be this mode's work.
-    assert check(case, torch, returned) is None
+    problem, _ = check(case, torch, returned)
+    assert problem is None, problem

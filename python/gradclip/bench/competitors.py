@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -175,7 +175,9 @@ def build(name: str, case: Case, torch: Any, options: Options) -> Built:
 # ---------------------------------------------------------------------------
 # Checking one call's effect, so every timed call is known to do the right work.
 
-_TOL = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
+# Loose on purpose: the check catches a contender that does not do the work,
+# not rounding (torch's float32 norm of the 64M set is off by 2e-4).
+_TOL = {"fp32": 1e-3, "bf16": 1e-2, "fp16": 1e-2}
 
 
 def float64_norm(torch: Any, tensors: Sequence[Any]) -> float:
@@ -185,23 +187,34 @@ def float64_norm(torch: Any, tensors: Sequence[Any]) -> float:
     return math.sqrt(acc)
 
 
-def check(case: Case, torch: Any, returned: object) -> Optional[str]:
-    """None when the gradients now hold what this mode must produce, else what is wrong."""
+def check(case: Case, torch: Any, returned: object) -> Tuple[Optional[str], Optional[float]]:
+    """(problem or None, relative error of the returned norm or None).
+
+    A norm-mode call must report a norm on the right side of ``max_norm`` (so
+    that it clips, or does not), and leave the gradients scaled by its own
+    coefficient ``min(max_norm / returned, 1)``; its norm's accuracy is
+    returned, not judged (torch's 16-bit norms are off by several percent).
+    A value-mode call must leave every element within the bound, some changed.
+    """
     tol = _TOL[case.dtype]
-    if case.mode == "norm-noclip":
-        if not all(torch.equal(g, p) for g, p in zip(case.grads, case.pristine)):
-            return "gradients changed although the norm is below max_norm"
-    elif case.mode == "norm-clip":
-        after = float64_norm(torch, case.grads)
-        if not abs(after - case.limit) <= tol * case.limit:
-            return f"norm after clipping {after:.6g}, expected {case.limit:.6g}"
-    else:
+    if case.mode == "value-clip":
         bound = max(float(g.abs().max()) for g in case.grads)
         limit = float(torch.tensor(case.limit, dtype=case.grads[0].dtype))  # rounded to the dtype, as torch does
         if bound > limit or all(torch.equal(g, p) for g, p in zip(case.grads, case.pristine)):
-            return f"max |g| after clamping {bound:.6g}, limit {limit:.6g}"
-    if case.mode != "value-clip" and returned is not None:
-        total = float(returned)
-        if not abs(total - case.true_norm) <= tol * case.true_norm:
-            return f"returned norm {total:.6g}, float64 norm {case.true_norm:.6g}"
-    return None
+            return f"max |g| after clamping {bound:.6g}, limit {limit:.6g}", None
+        return None, None
+    total = float(returned) if returned is not None else case.true_norm
+    rel_error = abs(total - case.true_norm) / case.true_norm
+    if case.mode == "norm-noclip":
+        if not total < case.limit:
+            return f"returned norm {total:.6g} >= max_norm {case.limit:.6g} (true norm {case.true_norm:.6g})", rel_error
+        if not all(torch.equal(g, p) for g, p in zip(case.grads, case.pristine)):
+            return "gradients changed although the norm is below max_norm", rel_error
+        return None, rel_error
+    if not total > case.limit:
+        return f"returned norm {total:.6g} <= max_norm {case.limit:.6g} (true norm {case.true_norm:.6g})", rel_error
+    after = float64_norm(torch, case.grads)
+    expected = case.true_norm * case.limit / total
+    if not abs(after - expected) <= tol * expected:
+        return f"norm after clipping {after:.6g}, expected {expected:.6g} from the returned norm {total:.6g}", rel_error
+    return None, rel_error

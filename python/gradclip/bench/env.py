@@ -24,6 +24,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average: other processes on the machine skew timings."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _git(args: list, cwd: Path) -> Optional[str]:
     try:
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
@@ -79,6 +87,7 @@ def collect(torch: Any, device: str) -> Dict[str, Any]:
         "platform": platform.platform(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
+    meta["loadavg_start"] = load_average()
     meta.update(source_commit())
     if device == "cuda":
         meta["cuda_runtime"] = torch.version.cuda

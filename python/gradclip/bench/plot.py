@@ -57,6 +57,8 @@ def plot_speedup(result: Dict[str, Any], path: Path, dpi: int = 100) -> Path:
     """gradclip's speedup over each competitor (median ratio), per workload, one
     panel per (dtype, mode)."""
     plt = _pyplot()
+    from matplotlib import ticker
+
     rows, dtypes, modes, workloads = _grid(result)
     comps = [c for c in COMPETITORS if any(r["contender"] == c and r.get("median_s") for r in rows)]
     fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(4.2 * len(modes), 0.32 * len(workloads) * len(dtypes)
@@ -78,6 +80,9 @@ def plot_speedup(result: Dict[str, Any], path: Path, dpi: int = 100) -> Path:
                 for y, x in zip(ys, xs):
                     ax.text(x * 1.04, y, f"{x:.1f}" if x >= 10 else f"{x:.2f}", va="center", fontsize=6)
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(ticker.FixedLocator([0.5, 1, 2, 5, 10, 20, 50, 100, 200]))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.axvline(1.0, color="black", lw=0.8)
             ax.set_yticks(range(len(workloads)))
             ax.set_yticklabels(workloads, fontsize=8)

@@ -157,7 +157,7 @@ _FIRST_COLUMNS = [
     "median_s", "p20_s", "p80_s", "min_s", "mean_s", "rounds", "warmup", "bytes_moved", "effective_gbs",
     "floor_kind", "floor_s", "ceiling_gbs", "fraction_of_ceiling", "gradclip_speedup",
     "speedup_vs_best_torch_eager", *[f"speedup_vs_{c}" for c in COMPETITORS], "compile_s",
-    "ceiling_read_gbs", "ceiling_read_write_gbs", "ceiling_copy_gbs", "limit", "true_norm",
+    "norm_rel_error", "ceiling_read_gbs", "ceiling_read_write_gbs", "ceiling_copy_gbs", "limit", "true_norm",
 ]
 
 

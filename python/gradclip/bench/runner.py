@@ -149,6 +149,9 @@ def run(config: Config, progress: Optional[ProgressFn] = None) -> Dict[str, Any]
 
     meta = _env.collect(torch, config.device)
     meta["quick"] = config.quick
+    busy = meta["loadavg_start"]
+    if busy is not None and config.device == "cpu" and busy > 0.5 * (meta["cpu_count"] or 1):
+        _warn(f"load average {busy} on {meta['cpu_count']} cores: other processes are running, timings will be noisy")
     cases = plan(config)
     # Progress weights: bytes each case touches (gradients x contenders), plus the ceilings.
     weights = [
@@ -240,7 +243,8 @@ def _run_case(torch: Any, config: Config, options: Options, meta: Dict[str, Any]
             row["status"] = f"error: {type(exc).__name__}: {exc}"
             _warn(f"{name} failed on {workload.name} {dtype} {mode}: {row['status']}")
             continue
-        problem = check(case, torch, returned)
+        problem, rel_error = check(case, torch, returned)
+        row["norm_rel_error"] = rel_error
         if problem:
             row["status"] = f"wrong result: {problem}"
             _warn(f"{name} on {workload.name} {dtype} {mode}: {problem}; not timed")
