@@ -74,7 +74,8 @@ class StepRecord:
     a TensorBoard scalar each; ``tensor_norms()`` the per-tensor norms by name.
 
     Attributes:
-        step: how many clips the hook (or this record's source) has run before, from 0.
+        step: how many clips the hook has run before this one, from 0 (always 0
+            from :func:`clip_gradients_`, which keeps no state).
         total_norm: the norm of all gradients together, before clipping (after
             zeroing under ``nonfinite='zero'``); NaN or inf when a gradient is.
         clip_coef: the factor the gradients were multiplied by: the coefficient
@@ -348,13 +349,18 @@ def _default_limit(option: Optional[str], limit: Any) -> float:
     return float(limit)
 
 
+def _names_by_id(named_parameters) -> Dict[int, str]:
+    """id(parameter) -> name, from ``model.named_parameters()`` or the module itself."""
+    if named_parameters is None:
+        return {}
+    if hasattr(named_parameters, "named_parameters"):  # a module
+        named_parameters = named_parameters.named_parameters()
+    return {id(p): name for name, p in named_parameters}
+
+
 def _names_for(params: Sequence[Any], named_parameters, fallback: Callable[[int], str]) -> List[str]:
-    by_id: Dict[int, str] = {}
-    if named_parameters is not None:
-        if hasattr(named_parameters, "named_parameters"):  # a module
-            named_parameters = named_parameters.named_parameters()
-        by_id = {id(p): name for name, p in named_parameters}
-    return [by_id.get(id(p), fallback(i)) for i, p in enumerate(params)]
+    by_id = _names_by_id(named_parameters)
+    return [by_id.get(id(p)) or fallback(i) for i, p in enumerate(params)]
 
 
 class ClipHandle:
@@ -367,11 +373,7 @@ class ClipHandle:
         self.last: Optional[StepRecord] = None
         self._engine = engine
         self._on_step = on_step
-        self._named = None
-        if named_parameters is not None:
-            if hasattr(named_parameters, "named_parameters"):
-                named_parameters = named_parameters.named_parameters()
-            self._named = {id(p): name for name, p in named_parameters}
+        self._named = _names_by_id(named_parameters)
         self._layout_key: Optional[tuple] = None
         self._params: List[Any] = []
         self._group_of_item = np.zeros(0, dtype=np.int32)
@@ -435,14 +437,14 @@ class ClipHandle:
         groups = self.optimizer.param_groups
         key = tuple((id(g["params"]), len(g["params"])) for g in groups)
         if key != self._layout_key:
-            params, group_of_item, names = [], [], []
+            params, group_of_item, fallback = [], [], []
             for gi, g in enumerate(groups):
                 for pi, p in enumerate(g["params"]):
                     params.append(p)
                     group_of_item.append(gi)
-                    name = self._named.get(id(p)) if self._named else None
-                    names.append(name or f"param_groups[{gi}].params[{pi}]")
-            self._params, self._names = params, names
+                    fallback.append(f"param_groups[{gi}].params[{pi}]")
+            self._params = params
+            self._names = [self._named.get(id(p)) or fallback[i] for i, p in enumerate(params)]
             self._group_of_item = np.asarray(group_of_item, dtype=np.int32)
             self._layout_key = key
         engine = self._engine
