@@ -288,3 +288,54 @@ def test_big_list_results_are_correct_not_only_reproducible(restore_threads):
     norm = gradclip.clip_by_global_norm_(xs, ref / 7)
     for x, b in zip(xs, before):
         assert_scaled(x, b, ref / 7, float(norm), 0.0)
+
+
+_STRESS = """
+import sys, time, numpy as np, gradclip
+a = [np.random.default_rng(0).standard_normal(300_000).astype(np.float32)]  # 5 tasks of 2^16
+b = [x.copy() for x in a]
+gradclip.set_num_threads(1)
+expected = gradclip.global_norm(a)
+gradclip.set_num_threads(8)  # more threads than cores: workers are preempted anywhere
+t0 = time.time(); i = 0
+while time.time() - t0 < {seconds}:
+    got = gradclip.global_norm(a)  # one pool run per call
+    if got != expected:
+        print("MISMATCH at iteration", i, got, expected); sys.exit(3)
+    gradclip.normalize_(b, 1.0 + (i % 7) * 1e-3)  # two back-to-back runs (norm, scale)
+    i += 1
+print(i)
+"""
+
+
+def test_pool_survives_many_back_to_back_runs_with_oversubscribed_threads():
+    # Tens of thousands of consecutive pool runs (each call > 2^18 elements)
+    # with 16 threads, in 4 processes at once on a small machine. Every run
+    # must return, with the single-thread bits. A correct pool always passes
+    # (the time limit is 3x the work time). A pool whose run/close/leave
+    # protocol can miscount its workers hangs here: on the 2-core VM this test
+    # caught such a hang in roughly half of its runs.
+    import os
+    import subprocess
+    import sys
+
+    seconds = 10
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _STRESS.format(seconds=seconds)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(4)
+    ]
+    outcomes = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=3 * seconds + 15)
+            outcomes.append((proc.returncode, out.strip(), err.strip()[-500:]))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            outcomes.append(("hung", "", ""))
+    assert all(rc == 0 for rc, _, _ in outcomes), (
+        f"thread pool stress: {outcomes} (\"hung\": a call never returned: the caller waits "
+        "forever for workers that already left)"
+    )
