@@ -654,3 +654,20 @@ def test_norm_beyond_float32_range_returns_float32_inf_and_clips_correctly(dtype
         assert_scaled(p.grad, g, 1.0, ref, norm_rtol(2.0))
     assert_norm_close(gradclip.get_total_norm(grads), ref, 2.0, torch.float32)
     assert_norm_close(gradclip.global_norm(grads), ref, 2.0, torch.float32)
+
+
+@pytest.mark.parametrize("p, second", [(1.0, 1e30), (2.0, 4e34), (INF, 1.0)], ids=["L1", "L2", "Linf"])
+def test_norm_just_above_float32_max_rounds_to_float32_max_not_inf(p, second):
+    # float32 max is 3.4028234664e38; float64 norms below 3.4028235678e38 (max
+    # plus half an ulp) round to it under round-to-nearest, as np.float32() and
+    # torch.tensor(..., dtype=torch.float32) do. Only larger norms become inf.
+    f32max = float(torch.finfo(torch.float32).max)
+    grads = [torch.tensor([f32max, second], dtype=torch.float32)]
+    ref = ref_norm(grads, p)
+    assert f32max <= ref < f32max + 2.0**103
+    assert float(torch.tensor(ref, dtype=torch.float32)) == f32max
+    assert float(gradclip.get_total_norm(grads, p)) == f32max
+    assert float(gradclip.global_norm(grads, p)) == f32max
+    params = params_of(grads)
+    assert float(gradclip.clip_grad_norm_(params, 1.0, norm_type=p)) == f32max
+    assert_scaled(params[0].grad, grads[0], 1.0, ref, norm_rtol(p))
