@@ -503,3 +503,77 @@ def test_mixed_frameworks_in_one_list():
     assert_norm_close(got, ref, 2.0)
     got_t = gradclip.global_norm([t, a, w])
     assert isinstance(got_t, torch.Tensor) and got_t.dtype == torch.float64  # float64 present
+
+
+# --------------------------------------------------------------------------
+# Views with a storage offset, 0-d arrays, many small tensors
+# --------------------------------------------------------------------------
+
+
+def test_torch_views_with_storage_offset_touch_only_their_elements():
+    base = torch.arange(-40, 40, dtype=torch.float32) / 4
+    before = base.clone()
+    v = base[13:37]  # offset 13: the DLPack byte_offset / data pointer must be honoured
+    assert v.storage_offset() == 13
+    assert_norm_close(gradclip.global_norm(v), ref_norm([v], 2.0), 2.0, torch.float32)
+    assert gradclip.clip_by_value_(v, 1.0) is True
+    assert_bitwise_equal(base[:13], before[:13])
+    assert_bitwise_equal(base[37:], before[37:])
+    assert (base[13:37] == before[13:37].clamp(-1, 1)).all()
+    m = (torch.arange(60, dtype=torch.float64).reshape(6, 10) - 30) / 7
+    m_before = m.clone()
+    w = m[2:5].t()  # offset 20, transposed, dense
+    ref = ref_norm([w], 2.0)
+    norm = gradclip.clip_by_global_norm_(w, ref / 2)
+    assert_scaled(m[2:5], m_before[2:5], ref / 2, float(norm), 0.0)
+    assert_bitwise_equal(m[:2], m_before[:2])
+    assert_bitwise_equal(m[5:], m_before[5:])
+
+
+def test_numpy_views_with_offset_touch_only_their_elements():
+    base = make_numpy((8, 9), np.float16, 720, scale=4.0)
+    before = base.copy()
+    v = base[3:6, :]
+    ref = ref_norm([v], 1.0)
+    norm = gradclip.clip_by_global_norm_(v, ref / 3, 1.0)
+    assert_scaled(base[3:6], before[3:6], ref / 3, norm, 0.0)
+    assert_bitwise_equal(base[:3], before[:3])
+    assert_bitwise_equal(base[6:], before[6:])
+
+
+def test_zero_dimensional_inputs():
+    t = torch.tensor(-3.0)
+    assert float(gradclip.global_norm(t)) == 3.0
+    assert gradclip.clip_by_value_(t, 1.0) is True and t.item() == -1.0
+    a = np.array(5.0, np.float32)
+    assert gradclip.global_norm(a) == 5.0
+    assert gradclip.clip_by_value_(a, 2.0) is True and a == np.float32(2.0)
+
+
+def test_size_one_dims_with_arbitrary_strides_are_dense():
+    s = torch.arange(4000, dtype=torch.float32).as_strided((4, 1), (1, 1000))
+    assert float(gradclip.global_norm(s, 1.0)) == 0 + 1 + 2 + 3
+    cl = make_torch((2, 3, 4, 5), torch.float32, 721).contiguous(memory_format=torch.channels_last)
+    assert_norm_close(gradclip.global_norm(cl), ref_norm([cl], 2.0), 2.0, torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tens_of_thousands_of_tiny_arrays(threads, restore_threads):
+    # Many chunks per task (task grouping) and > 2^18 elements in total.
+    gradclip.set_num_threads(threads)
+    rng = np.random.default_rng(722)
+    dtypes = [np.float32, np.float64, np.float16]
+    arrays = [(rng.standard_normal(1 + i % 9) * 3).astype(dtypes[i % 3]) for i in range(60_000)]
+    assert sum(a.size for a in arrays) > (1 << 18)
+    before = clone_all(arrays)
+    for p in (1.0, 2.0, INF):
+        assert_norm_close(gradclip.global_norm(arrays, p), ref_norm(before, p), p)
+    norms = gradclip.tensor_norms(arrays)
+    assert norms.shape == (60_000,)
+    assert_norm_close(norms[12345], ref_norm([before[12345]], 2.0), 2.0)
+    ref = ref_norm(before, 2.0)
+    norm = gradclip.clip_by_global_norm_(arrays, ref / 10)
+    for i in (0, 1, 2, 29_999, 59_999):
+        assert_scaled(arrays[i], before[i], ref / 10, norm, 0.0)
+    assert gradclip.clip_by_value_(arrays, 0.05) is True
+    assert all(float(np.abs(a).max()) <= bound_in(a.dtype.name, 0.05) for a in arrays)
