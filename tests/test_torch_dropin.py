@@ -671,3 +671,29 @@ def test_norm_just_above_float32_max_rounds_to_float32_max_not_inf(p, second):
     params = params_of(grads)
     assert float(gradclip.clip_grad_norm_(params, 1.0, norm_type=p)) == f32max
     assert_scaled(params[0].grad, grads[0], 1.0, ref, norm_rtol(p))
+
+
+@pytest.mark.parametrize("total", [NAN, INF, 0.0, 1e-300], ids=["nan", "inf", "zero", "tiny"])
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
+def test_clip_grads_with_norm_special_totals_like_torch(dtype, total):
+    grads = grads_for(40, dtype, seed=100)
+    grads[0][3] = INF
+    ours, theirs = params_of(grads), params_of(grads)
+    given = torch.tensor(total, dtype=torch.float64)
+    gradclip.clip_grads_with_norm_(ours, 0.5, given)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 0.5, given)
+    for a, b in zip(ours, theirs):
+        assert_same_or_both_nan(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
+def test_max_norm_inf_never_clips_finite_grads(dtype):
+    grads = grads_for(300, dtype, seed=101, scale=1e3)
+    ours, theirs = params_of(grads), params_of(grads)
+    total = gradclip.clip_grad_norm_(ours, INF)
+    torch.nn.utils.clip_grad_norm_(theirs, INF)
+    assert_norm_close(total, ref_norm(grads, 2.0), 2.0, total.dtype)
+    for a, b, g in zip(ours, theirs, grads):
+        assert_bitwise_equal(a.grad, g)
+        if dtype in (torch.float32, torch.float64):
+            assert_bitwise_equal(a.grad, b.grad)

@@ -436,8 +436,11 @@ params = []
 for i, dt in enumerate(dtypes):
     p = torch.nn.Parameter(torch.zeros(37 + i, dtype=dt)); p.grad = gen(i, 37 + i, dt); params.append(p)
 t = torch.nn.Parameter(torch.zeros(9, 5)); t.grad = gen(9, 45, torch.float32).reshape(5, 9).t(); params.append(t)
+big = gen(10, 100, torch.float16)
+o = torch.nn.Parameter(torch.zeros(3, 10, dtype=torch.float16)); o.grad = big.reshape(10, 10)[4:7]; params.append(o)
 out["total"] = float(gradclip.clip_grad_norm_(params, 0.5))
 out["grads"] = [hexbits(p.grad) for p in params]
+out["big"] = hexbits(big)  # only rows 4..6 (storage offset 40) may have changed
 vs = [gen(20 + i, 50, dt) for i, dt in enumerate(dtypes)]
 out["changed"] = gradclip.clip_by_value_(vs, 1.0)
 out["values"] = [hexbits(v) for v in vs]
@@ -456,22 +459,36 @@ def exchange_api_results():
     return json.loads(run_python(_PATH_SCRIPT))
 
 
-def test_dlpack_capsule_path_gives_identical_results(exchange_api_results):
+@pytest.fixture(scope="module")
+def capsule_results():
     # GRADCLIP_NO_EXCHANGE_API=1 is read once per process: a subprocess forces
     # torch tensors through __dlpack__ capsules (the path of torch < 2.10).
-    capsule = json.loads(run_python(_PATH_SCRIPT, {"GRADCLIP_NO_EXCHANGE_API": "1"}))
-    for key in ("total", "grads", "changed", "values", "norms"):
-        assert capsule[key] == exchange_api_results[key], key
+    return json.loads(run_python(_PATH_SCRIPT, {"GRADCLIP_NO_EXCHANGE_API": "1"}))
+
+
+def test_dlpack_capsule_path_gives_identical_results(exchange_api_results, capsule_results):
+    for key in ("total", "grads", "big", "changed", "values", "norms"):
+        assert capsule_results[key] == exchange_api_results[key], key
     assert exchange_api_results["requires_grad"] == "accepted"
 
 
-def test_dlpack_capsule_path_reads_tensors_that_require_grad_through_a_detached_view():
+def test_views_with_offset_are_clipped_in_place_on_both_paths(exchange_api_results):
+    big = np.array(exchange_api_results["big"], np.int16)
+    grad = np.array(exchange_api_results["grads"][-1], np.int16).ravel()
+    assert np.array_equal(big[40:70], grad)  # the clipped grad is rows 4..6 of `big`
+    g = torch.Generator().manual_seed(10)
+    original = (torch.randn(100, dtype=torch.float64, generator=g) * 3.0).to(torch.float16)
+    untouched = original.view(torch.int16).numpy()
+    assert np.array_equal(big[:40], untouched[:40]) and np.array_equal(big[70:], untouched[70:])
+    assert not np.array_equal(big[40:70], untouched[40:70])
+
+
+def test_dlpack_capsule_path_reads_tensors_that_require_grad_through_a_detached_view(capsule_results):
     # torch's __dlpack__ refuses tensors that require grad. The brief for this
     # suite said the capsule path refuses them too (torch's rule); commit
     # b5faa51 and the README now export a detached view instead, so parameters
     # work on torch < 2.10. This test pins the documented behaviour.
-    capsule = json.loads(run_python(_PATH_SCRIPT, {"GRADCLIP_NO_EXCHANGE_API": "1"}))
-    assert capsule["requires_grad"] == "accepted"
+    assert capsule_results["requires_grad"] == "accepted"
 
 
 def test_exchange_api_setting_zero_keeps_the_fast_path(exchange_api_results):
