@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from fractions import Fraction
 from typing import Iterable, List, Sequence
 
 import numpy as np
@@ -379,7 +378,3 @@ def run_python(code: str, env_extra: dict | None = None, timeout: float = 120) -
     )
     assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stderr}"
     return proc.stdout
-
-
-def exact_fraction_sum_of_squares(values: np.ndarray) -> Fraction:
-    return sum((Fraction(float(v)) ** 2 for v in values), Fraction(0))

@@ -19,7 +19,6 @@ from conftest import (
     NORM_ORDERS,
     TORCH_DTYPE_IDS,
     TORCH_DTYPES,
-    as_f64,
     assert_bitwise_equal,
     assert_norm_close,
     assert_same_or_both_nan,

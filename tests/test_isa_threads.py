@@ -4,6 +4,9 @@ concurrent callers give identical norms and identical written bits."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -21,10 +24,13 @@ from conftest import (
     PARALLEL_MIN_ELEMS,
     SUPPORTED_ISAS,
     UNSUPPORTED_ISAS,
+    assert_norm_close,
+    assert_scaled,
     bits,
     clone_all,
     make_numpy,
     make_torch,
+    ref_norm,
     run_python,
 )
 
@@ -277,8 +283,6 @@ def test_large_lists_really_use_worker_threads():
 
 
 def test_big_list_results_are_correct_not_only_reproducible(restore_threads):
-    from conftest import assert_norm_close, norm_rtol, ref_norm, assert_scaled
-
     gradclip.set_num_threads(4)
     xs = big_inputs()
     before = clone_all(xs)
@@ -315,10 +319,6 @@ def test_pool_survives_many_back_to_back_runs_with_oversubscribed_threads():
     # (the time limit is 3x the work time). A pool whose run/close/leave
     # protocol can miscount its workers hangs here: on the 2-core VM this test
     # caught such a hang in roughly half of its runs.
-    import os
-    import subprocess
-    import sys
-
     seconds = 10
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     procs = [

@@ -18,7 +18,6 @@ from conftest import (
     NORM_IDS,
     NORM_ORDERS,
     SIZES,
-    SMALL_SIZES,
     TORCH_DTYPE_IDS,
     TORCH_DTYPES,
     TORCH_RTOL,

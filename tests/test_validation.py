@@ -20,7 +20,6 @@ from conftest import (
     assert_bitwise_equal,
     assert_norm_close,
     assert_scaled,
-    bits,
     make_numpy,
     make_torch,
     ref_norm,
