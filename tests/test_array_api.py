@@ -5,6 +5,9 @@ producers, against the float64 reference."""
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -577,3 +580,71 @@ def test_tens_of_thousands_of_tiny_arrays(threads, restore_threads):
         assert_scaled(arrays[i], before[i], ref / 10, norm, 0.0)
     assert gradclip.clip_by_value_(arrays, 0.05) is True
     assert all(float(np.abs(a).max()) <= bound_in(a.dtype.name, 0.05) for a in arrays)
+
+
+# --------------------------------------------------------------------------
+# "Nothing is written": proven with memory the process cannot write
+# --------------------------------------------------------------------------
+
+_READ_ONLY_PAGES = """
+import ctypes, mmap, sys
+import numpy as np
+size = 1 << 21
+mm = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+rng = np.random.default_rng(0)
+f32 = np.frombuffer(mm, dtype=np.float32, count=120_003)               # writable NumPy views ...
+f64 = np.frombuffer(mm, dtype=np.float64, count=40_001, offset=1 << 19)
+f16 = np.frombuffer(mm, dtype=np.float16, count=70_001, offset=1 << 20)
+zeros = np.frombuffer(mm, dtype=np.float32, count=50_000, offset=3 << 19)
+for a in (f32, f64, f16):
+    a[:] = rng.standard_normal(a.size)
+zeros[:] = 0
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+assert libc.mprotect(addr, size, mmap.PROT_READ) == 0  # ... over pages that fault on any write
+import gradclip
+xs = [f32, f64, f16]
+if sys.argv[1] == "control":
+    gradclip.clip_by_value_(xs, 0.1)  # must write: the process dies with SIGSEGV
+    print("not reached")
+    sys.exit(0)
+norm = gradclip.global_norm(xs)
+gradclip.tensor_norms(xs, 3.0)
+gradclip.clip_by_global_norm_(xs, norm * 2)
+gradclip.clip_by_global_norm_(xs, norm * 2, float("inf"))
+gradclip.clip_by_norm_(xs, norm * 2)
+assert gradclip.clip_by_value_(xs, 100.0) is False
+assert gradclip.normalize_([zeros], 3.0) == 0.0
+import torch
+params = []
+for a in xs:
+    p = torch.nn.Parameter(torch.zeros(a.shape, dtype=torch.from_numpy(a[:1]).dtype))
+    p.grad = torch.from_numpy(a)
+    params.append(p)
+gradclip.clip_grad_norm_(params, norm * 2)
+gradclip.clip_grad_value_(params, 100.0)
+gradclip.clip_grads_with_norm_(params, 1.0, 0.5)
+gradclip.set_num_threads(2)
+assert sum(a.size for a in xs + [zeros]) > 1 << 18  # the threaded path too
+gradclip.clip_by_global_norm_(xs + [zeros], norm * 2)
+assert gradclip.clip_by_value_(xs + [zeros], 100.0) is False
+print("no write")
+"""
+
+
+def test_no_memory_is_written_when_nothing_needs_clipping():
+    # The arrays live in pages made read-only with mprotect behind NumPy's back
+    # (NumPy still reports them writable): any store, even of an unchanged
+    # value, kills the process. Every call below needs no change and so must
+    # only read.
+    proc = subprocess.run([sys.executable, "-c", _READ_ONLY_PAGES, "no-write"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "no write", (proc.returncode, proc.stderr[-2000:])
+
+
+def test_read_only_pages_do_catch_a_write():
+    # Positive control for the test above: a clamp that must write dies.
+    proc = subprocess.run([sys.executable, "-c", _READ_ONLY_PAGES, "control"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stdout, proc.stderr[-2000:])
