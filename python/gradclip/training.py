@@ -198,7 +198,8 @@ class _Engine:
         mode = _MODE_OF_OPTION.get(self.option, "global")
         r = _core.clip(params, limits, pool_of_item, self.p, self.eps, mode, self.nonfinite, "parameters", True)
         held = self._held(r, names)
-        coefs = r["coefs"]
+        # One factor per pool for a global limit, one per tensor otherwise.
+        coefs = r["group_coefs"] if mode == "global" else r["coefs"]
         if mode == "value":
             clip_coef = math.nan
         elif held or coefs.size == 0:
@@ -430,7 +431,7 @@ class ClipHandle:
 
     # -- the hook --
 
-    def _layout(self) -> Tuple[List[Any], np.ndarray, List[float]]:
+    def _layout(self) -> Tuple[List[Any], Optional[np.ndarray], List[float]]:
         """The flat parameter list and each parameter's pool, rebuilt only when
         the param groups change; the limits are read every step, so a group's
         limit can be changed (scheduled) during training."""
@@ -453,11 +454,11 @@ class ClipHandle:
         # under the default limit; then one pool per group with its own limit.
         default = _default_limit(option, engine.limit)
         limits = [default]
+        if option is None or not any(option in g for g in groups):
+            return self._params, None, limits  # the common case: one pool, no group array
         pool_of_group = np.zeros(len(groups), dtype=np.int32)
-        if option is not None:
-            for gi, g in enumerate(groups):
-                if option not in g:
-                    continue
+        for gi, g in enumerate(groups):
+            if option in g:
                 if engine.adaptive:
                     raise ValueError(
                         f"param_groups[{gi}]['{option}']: per-group limits cannot be combined with an adaptive "
@@ -477,7 +478,9 @@ class ClipHandle:
 
     def _pre_hook(self, optimizer, args, kwargs) -> None:
         # torch passes the optimizer itself as args[0].
-        if any(a is not None for a in args[1:]) or any(v is not None for v in kwargs.values()):
+        if (len(args) > 1 or kwargs) and (
+            any(a is not None for a in args[1:]) or any(v is not None for v in kwargs.values())
+        ):
             raise RuntimeError(
                 "gradclip.attach: optimizer.step() was called with arguments (a closure?); a closure "
                 "recomputes the gradients inside step(), after the clip ran, so it cannot be clipped this way"
