@@ -28,30 +28,47 @@ inline void cpu_relax() {
 }  // namespace
 
 struct ThreadPool::State {
-  // Workers that join a run count themselves in `working`; the caller closes
+  // Workers that join a run count themselves in `run_state`; the caller closes
   // the run once every task is claimed and then waits only for those workers.
-  // A worker that wakes late (descheduled on a busy machine) finds the run
-  // closed and leaves, so the caller never waits for a thread that did nothing.
-  static constexpr int kClosed = 1 << 30;
+  // A worker that wakes late (descheduled on a busy machine) finds its run
+  // closed, or already replaced by the next one, and stays out, so the caller
+  // never waits for a thread that did nothing. The run's number is part of the
+  // word: a stale worker's compare-and-swap fails instead of counting itself
+  // into a later run.
+  //   run_state = run number << 32 | kClosed | number of joined workers
+  static constexpr uint64_t kClosed = uint64_t(1) << 31;
+  static constexpr uint64_t kCountMask = kClosed - 1;
 
   std::mutex run_mu;  // one run() at a time; a concurrent caller works alone
   std::mutex mu;
   std::condition_variable work_cv;
   std::condition_variable done_cv;
   std::atomic<uint64_t> generation{0};  // bumped once per run(); workers wake on a change
-  std::atomic<int> working{0};          // joined workers, plus kClosed once the caller is done
-  int helpers_wanted = 0;               // how many workers may join the current run
+  std::atomic<uint64_t> run_state{0};
+  int helpers_wanted = 0;  // how many workers may join the current run
   const std::function<void(int64_t)>* task = nullptr;
   int64_t n_tasks = 0;
   std::atomic<int64_t> next{0};
   std::vector<std::thread> workers;
 
+  static uint64_t run_tag(uint64_t gen) { return gen << 32; }
+
   void drain() {
     for (int64_t i = next.fetch_add(1); i < n_tasks; i = next.fetch_add(1)) (*task)(i);
   }
 
+  // Counts this worker into run `gen` unless that run is closed or over.
+  bool join(uint64_t gen) {
+    uint64_t v = run_state.load(std::memory_order_acquire);
+    while ((v & ~(kClosed | kCountMask)) == run_tag(gen) && !(v & kClosed)) {
+      if (run_state.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) return true;
+    }
+    return false;
+  }
+
   void leave() {
-    if (working.fetch_sub(1, std::memory_order_acq_rel) == kClosed + 1) {
+    const uint64_t after = run_state.fetch_sub(1, std::memory_order_acq_rel) - 1;
+    if ((after & kClosed) && (after & kCountMask) == 0) {
       std::lock_guard<std::mutex> lock(mu);  // pairs with the caller's wait
       done_cv.notify_one();
     }
@@ -69,10 +86,7 @@ struct ThreadPool::State {
         seen = generation.load();
         if (id >= helpers_wanted) continue;
       }
-      if (working.fetch_add(1, std::memory_order_acq_rel) & kClosed) {
-        leave();  // the caller already finished every task
-        continue;
-      }
+      if (!join(seen)) continue;  // the caller already finished every task
       drain();
       leave();
     }
@@ -132,13 +146,14 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& task) 
     s.n_tasks = n_tasks;
     s.next.store(0);
     s.helpers_wanted = helpers;
-    s.working.store(0);
-    s.generation.fetch_add(1, std::memory_order_release);
+    const uint64_t gen = s.generation.load() + 1;
+    s.run_state.store(State::run_tag(gen));  // no worker is counted in the previous run any more
+    s.generation.store(gen, std::memory_order_release);
   }
   s.work_cv.notify_all();
   s.drain();
-  s.working.fetch_or(State::kClosed, std::memory_order_acq_rel);
-  auto all_left = [&] { return s.working.load(std::memory_order_acquire) == State::kClosed; };
+  s.run_state.fetch_or(State::kClosed, std::memory_order_acq_rel);
+  auto all_left = [&] { return (s.run_state.load(std::memory_order_acquire) & State::kCountMask) == 0; };
   const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
   while (!all_left() && std::chrono::steady_clock::now() < spin_until) cpu_relax();
   std::unique_lock<std::mutex> lock(s.mu);
