@@ -277,6 +277,7 @@ py::dict clip_units(py::handle seq, const std::vector<double>& clipping, py::obj
   py::dict d = describe(grads);
   d["param_norms"] = per_entry(grads, r.param_norms);
   d["grad_norms"] = per_entry(grads, r.grad_norms);
+  d["total"] = r.grad_total;
   d["indices"] = list_indices(grads);
   d["units"] = r.units;
   d["clipped_units"] = r.clipped_units;

@@ -51,6 +51,7 @@ UnitClipOutcome clip_units(const std::vector<RowSpan>& params, const std::vector
   }
   out.grad_norms.assign(norms.per_group.begin(), norms.per_group.begin() + n);
   out.param_norms.assign(norms.per_group.begin() + n, norms.per_group.end());
+  out.grad_total = combine_norms(out.grad_norms, req.order);
 
   std::vector<double> coefs(grad_rows);
   for (int64_t r = 0; r < grad_rows; ++r) {

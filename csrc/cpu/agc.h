@@ -29,6 +29,7 @@ struct UnitClipRequest {
 struct UnitClipOutcome {
   std::vector<double> param_norms;  // per tensor, the norm of the whole parameter
   std::vector<double> grad_norms;   // per tensor, the norm of the whole gradient before clipping (after zeroing)
+  double grad_total = 0.0;          // the norm of all gradients together, likewise
   std::vector<char> nonfinite_grads;  // per tensor: a gradient row norm was NaN or inf before any repair
   int64_t units = 0;                  // rows seen
   int64_t clipped_units = 0;          // rows scaled down (or that would be, when held)

@@ -149,7 +149,12 @@ std::vector<double> power_sums(const std::vector<Span>& spans, NormOrder order, 
 // The norm of several spans together (`members`, in span order), from their
 // power sums, or from their norms when a power sum had to be rescued.
 double combined_norm(const std::vector<Span>& spans, NormOrder order, const Norms& n, const std::vector<char>& rescued,
-                     const std::vector<int32_t>& members) {
+                     const int32_t* members_begin, const int32_t* members_end) {
+  struct Range {
+    const int32_t *b, *e;
+    const int32_t* begin() const { return b; }
+    const int32_t* end() const { return e; }
+  } members{members_begin, members_end};
   if (order.kind == NormOrder::kInf) {
     double m = 0.0;
     for (int32_t s : members) m = nan_max(m, n.per_span[s]);
@@ -165,14 +170,10 @@ double combined_norm(const std::vector<Span>& spans, NormOrder order, const Norm
   }
   if (exact_sum_ok && !(total_power == HUGE_VAL) && !(total_power < kTinyPowerSum && tiny_risk))
     return root(total_power, order);  // also the NaN case: NaN stays NaN
-  // Scaled combination of the per-span norms: norm = m * (sum (n_i / m)^p)^(1/p).
-  double m = 0.0;
-  for (int32_t s : members) m = nan_max(m, n.per_span[s]);
-  if (m == 0.0 || !std::isfinite(m)) return m;
-  const int e = std::ilogb(m);
-  double sum = 0.0;
-  for (int32_t s : members) sum += element_power(std::ldexp(n.per_span[s], -e), order);
-  return std::ldexp(root(sum, order), e);
+  std::vector<double> norms;
+  norms.reserve(members_end - members_begin);
+  for (int32_t s : members) norms.push_back(n.per_span[s]);
+  return combine_norms(norms, order);
 }
 
 // Per-span norms (rescuing overflowed or underflowed power sums), then the
@@ -190,18 +191,36 @@ void finish_norms(const std::vector<Span>& spans, NormOrder order, const Groupin
       n.per_span[s] = root(ps, order);
     }
   }
-  std::vector<int32_t> all(spans.size());
-  for (size_t s = 0; s < spans.size(); ++s) all[s] = static_cast<int32_t>(s);
-  n.total = combined_norm(spans, order, n, rescued, all);
+  std::vector<int32_t> members(spans.size());
+  for (size_t s = 0; s < spans.size(); ++s) members[s] = static_cast<int32_t>(s);
+  n.total = combined_norm(spans, order, n, rescued, members.data(), members.data() + members.size());
 
   n.per_group.assign(groups.n_groups, 0.0);
   if (groups.n_groups == 0) return;
-  std::vector<std::vector<int32_t>> members(groups.n_groups);
-  for (size_t s = 0; s < spans.size(); ++s) members[groups.group_of_span[s]].push_back(static_cast<int32_t>(s));
-  for (int32_t g = 0; g < groups.n_groups; ++g) n.per_group[g] = combined_norm(spans, order, n, rescued, members[g]);
+  // Counting sort by group (stable: span order within a group), so that group g's
+  // spans are members[start[g] .. start[g + 1]).
+  std::vector<size_t> start(groups.n_groups + 1, 0);
+  for (size_t s = 0; s < spans.size(); ++s) ++start[groups.group_of_span[s] + 1];
+  for (int32_t g = 0; g < groups.n_groups; ++g) start[g + 1] += start[g];
+  std::vector<size_t> next(start.begin(), start.end() - 1);
+  for (size_t s = 0; s < spans.size(); ++s) members[next[groups.group_of_span[s]]++] = static_cast<int32_t>(s);
+  for (int32_t g = 0; g < groups.n_groups; ++g)
+    n.per_group[g] = combined_norm(spans, order, n, rescued, members.data() + start[g], members.data() + start[g + 1]);
 }
 
 }  // namespace
+
+double combine_norms(const std::vector<double>& norms, NormOrder order) {
+  // Scaled: norm = m * (sum (n_i / m)^p)^(1/p), m the largest, so that neither
+  // overflow nor underflow can occur. NaN propagates; an inf norm gives inf.
+  double m = 0.0;
+  for (double v : norms) m = nan_max(m, v);
+  if (order.kind == NormOrder::kInf || m == 0.0 || !std::isfinite(m)) return m;
+  const int e = std::ilogb(m);
+  double sum = 0.0;
+  for (double v : norms) sum += element_power(std::ldexp(v, -e), order);
+  return std::ldexp(root(sum, order), e);
+}
 
 Norms compute_norms(const std::vector<Span>& spans, NormOrder order, const Grouping& groups) {
   Norms n;

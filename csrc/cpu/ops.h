@@ -28,6 +28,9 @@ struct Grouping {
 // A group's norm is computed exactly as the total is, over that group's spans.
 Norms compute_norms(const std::vector<Span>& spans, NormOrder order, const Grouping& groups = {});
 
+// The norm of a vector made of several parts, from the parts' own norms.
+double combine_norms(const std::vector<double>& norms, NormOrder order);
+
 // Recomputes the norms of the selected spans only (after they were modified)
 // and, from them and the others' saved power sums, every total.
 void renorm_spans(const std::vector<Span>& spans, NormOrder order, const std::vector<char>& selected,

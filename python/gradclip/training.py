@@ -232,7 +232,6 @@ class _Engine:
     def _run_agc(self, params, pool_of_item, limits, names, step) -> StepRecord:
         r = _core.clip_units(params, limits, pool_of_item, self.agc_eps, self.p, self.nonfinite, "parameters")
         r["norms"] = r["grad_norms"]
-        r["total"] = _combine(r["grad_norms"], self.p)
         held = self._held(r, names)
         clipped = (r["clipped_units"] > 0 and not held) or bool(r["zeroed"])
         return self._record(step, r, names, clip_coef=math.nan, clipped=clipped, skipped=held,
@@ -272,18 +271,6 @@ class _Engine:
         )
 
 
-def _combine(norms: np.ndarray, p: float) -> float:
-    """The p-norm of per-tensor p-norms (the total, for AGC's monitoring record)."""
-    if norms.size == 0:
-        return 0.0
-    if math.isinf(p):
-        return float(norms.max())
-    m = float(np.nanmax(norms)) if not np.isnan(norms).any() else math.nan
-    if not (m > 0 and math.isfinite(m)):
-        return m
-    return m * float(np.sum((norms / m) ** p)) ** (1.0 / p)
-
-
 def clip_gradients_(
     parameters: Any,
     *,
@@ -320,7 +307,7 @@ def clip_gradients_(
     params = as_list(parameters)
     option, limit = _limit_option(global_clipnorm, clipnorm, clipvalue, agc)
     engine = _Engine(option, limit, norm_type, nonfinite, eps, agc_eps)
-    names = _names_for(params, named_parameters, lambda i: f"parameters[{i}]")
+    names = _ListNames(params, _names_by_id(named_parameters))
     default = _default_limit(option, limit)
     return engine.run(params, None, [default], names)
 
@@ -359,9 +346,16 @@ def _names_by_id(named_parameters) -> Dict[int, str]:
     return {id(p): name for name, p in named_parameters}
 
 
-def _names_for(params: Sequence[Any], named_parameters, fallback: Callable[[int], str]) -> List[str]:
-    by_id = _names_by_id(named_parameters)
-    return [by_id.get(id(p)) or fallback(i) for i, p in enumerate(params)]
+class _ListNames:
+    """Names by list index, made only when a record is read: building 'parameters[i]'
+    for every parameter at every call would cost more than the clip of small lists."""
+
+    def __init__(self, params: Sequence[Any], by_id: Dict[int, str]):
+        self._params = params
+        self._by_id = by_id
+
+    def __getitem__(self, i: int) -> str:
+        return self._by_id.get(id(self._params[i])) or f"parameters[{i}]"
 
 
 class ClipHandle:
