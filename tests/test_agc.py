@@ -208,3 +208,12 @@ def test_attach_agc_with_group_factors_and_an_unclipped_output_layer():
             check_agc(p, before[name], p.grad, 0.01 if name.startswith("0.") else 0.1, 1e-3, 2.0)
     assert set(handle.last.tensor_norms()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert handle.last.clipped_units > 0
+
+
+def test_a_parameter_listed_twice_is_clipped_once():
+    once, twice = make_params(torch.float32, seed=7)[:2], make_params(torch.float32, seed=7)[:2]
+    gradclip.adaptive_clip_grad_(once, 0.01)
+    record = gradclip.adaptive_clip_grad_([twice[0], twice[1], twice[0]], 0.01)
+    for a, b in zip(once, twice):
+        assert_bitwise_equal(b.grad, a.grad)
+    assert len(record.tensor_norms()) == 3  # one entry per list item, the repeat included

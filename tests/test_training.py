@@ -481,3 +481,25 @@ def test_record_as_dict_is_flat_scalars():
     d = gradclip.clip_gradients_(model.parameters(), global_clipnorm=1.0).as_dict()
     assert all(isinstance(v, (int, float, bool)) for v in d.values())
     assert {"step", "total_norm", "clip_coef", "clipped", "skipped", "nonfinite_tensors", "zeroed_elements"} <= set(d)
+
+
+def test_clipnorm_group_limits_apply_per_tensor():
+    model = small_model()
+    opt = grouped_optimizer(model, clipnorm=0.05)
+    gradclip.attach(opt, clipnorm=0.5)
+    backward(model, scale=10.0)
+    before = [(p.grad.clone(), limit) for g, limit in zip(opt.param_groups, (0.5, 0.05)) for p in g["params"]]
+    opt.step()
+    for (g0, limit), p in zip(before, [p for g in opt.param_groups for p in g["params"]]):
+        assert_scaled(p.grad, g0, limit, ref_norm([g0], 2.0), rtol=RTOL)
+
+
+def test_same_memory_in_two_groups_is_refused_before_any_write():
+    a, b = np.full(4, 3.0), np.full(2, 5.0)
+    before = a.copy()
+    with pytest.raises(ValueError, match=r"grads\[2\]: the same memory as grads\[0\] but in another group"):
+        _core.clip([a, b, a], [0.1, 1.0], np.array([0, 0, 1], np.int32), 2.0, 1e-6, "global", "propagate", "grads",
+                   False)
+    assert_bitwise_equal(a, before)
+    with pytest.raises(ValueError, match=r"group_of_item\[1\]: group 2 has no limit"):
+        _core.clip([a, b], [0.1, 1.0], [0, 2], 2.0, 1e-6, "global", "propagate", "grads", False)
