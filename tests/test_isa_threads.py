@@ -314,10 +314,11 @@ def test_pool_survives_many_back_to_back_runs_with_oversubscribed_threads():
     # About 10^5 consecutive pool runs per process (each call > 2^18
     # elements) with 8 threads, in 3 processes at once on a small machine.
     # Every call must return, with the single-thread bits. A correct pool
-    # always passes (the limit is 3x the work time). The pool of ca6fbf5 can
-    # miscount its workers when one of them joins a run that has already
-    # closed (see the report); on the 2-core VM one process in 3-4 hung within
-    # 20 s, so this test catches that hang in roughly half of its runs.
+    # always passes (the limit is 3x the work time). The pool of ca6fbf5
+    # miscounted its workers when a late one counted itself into a run that
+    # had closed while the next run reset the counter; on the 2-core VM one
+    # process in 3-4 hung within 20 s, and this test caught that hang in about
+    # half of its runs (fixed in 4cc8bb7).
     seconds = 15
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     procs = [
