@@ -11,6 +11,7 @@ import numpy as np
 # Bits of the native `dtype_mask` (the order of gradclip::DType).
 _F64_BIT = 1 << 1
 _F32_MAX = 3.4028234663852886e38
+_F32_ROUNDS_TO_INF = 2.0**128 - 2.0**103  # float32 max plus half an ulp (a tie rounds to inf)
 
 
 def as_list(items: Any) -> Sequence[Any]:
@@ -75,7 +76,9 @@ def torch_scalar(torch: Any, value: float, info: Dict[str, Any], device: Any) ->
     for 16-bit inputs, whose norm torch would round to 16 bits)."""
     dtype = torch.float64 if result_dtype_is_f64(info) else torch.float32
     if dtype is torch.float32 and abs(value) > _F32_MAX:
-        value = float("inf")  # a norm beyond float32 range rounds to inf, as torch.tensor() would
+        # Round to float32 as torch.tensor() would: up to max + half an ulp the
+        # result is float32's max, beyond it inf (scalar_tensor would raise).
+        value = float("inf") if abs(value) >= _F32_ROUNDS_TO_INF else _F32_MAX
     if device.type == "cpu":
         return torch.scalar_tensor(value, dtype=dtype)  # ~1.6 us; torch.tensor() takes ~4 us
     return torch.scalar_tensor(value, dtype=dtype, device=device)
