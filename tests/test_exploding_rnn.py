@@ -57,7 +57,7 @@ def test_value_clipping_run_completes(demo, runs):
 
 
 def test_plot_is_written(demo, runs, tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib")  # in the [test] extra; optional for a bare install
     out = tmp_path / "rnn.png"
     demo.plot(runs, 1000, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
