@@ -238,7 +238,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``gradclip-bench``: the subcommand defaults to ``bench``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("bench", "plot", "info", "-h", "--help"):
+    if not argv or argv[0] not in ("bench", "plot", "info"):  # so --help shows bench's options
         argv = ["bench", *argv]
     return _dispatch(build_parser("gradclip-bench", default_bench=True).parse_args(argv))
 

@@ -69,8 +69,8 @@ def _pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
-def _table_rows(result: Dict[str, Any]) -> List[List[str]]:
-    rows = result["rows"]
+def _table_rows(result: Dict[str, Any], dtype: Optional[str] = None) -> List[List[str]]:
+    rows = [r for r in result["rows"] if dtype is None or r["dtype"] == dtype]
     comps = [c for c in COMPETITORS if any(r["contender"] == c and r.get("median_s") for r in rows)]
     header = ["workload", "dtype", "mode", "tensors", "elements", "gradclip ms (p20-p80)", "GB/s", "of ceiling"]
     header += [f"vs {SHORT[c]}" for c in comps] + ["best torch of ceiling"]
@@ -121,8 +121,8 @@ def text_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(result: Dict[str, Any]) -> str:
-    rows = _table_rows(result)
+def markdown_table(result: Dict[str, Any], dtype: Optional[str] = None) -> str:
+    rows = _table_rows(result, dtype)
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(rows[0]) - 3)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return "\n".join(lines)
@@ -177,7 +177,12 @@ def write_csv(result: Dict[str, Any], path: Path) -> None:
 
 
 def write_markdown(result: Dict[str, Any], path: Path) -> None:
-    parts = [markdown_table(result), "", caption(result)]
+    """One table per dtype (a README can take the one it needs), then the caption."""
+    parts: List[str] = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        if any(r["dtype"] == dtype for r in result["rows"]):
+            parts += [f"### {dtype}", "", markdown_table(result, dtype), ""]
+    parts.append(caption(result))
     t = targets_text(result.get("targets", []))
     if t:
         parts += ["", "```", t, "```"]

@@ -157,7 +157,7 @@ def run(config: Config, progress: Optional[ProgressFn] = None) -> Dict[str, Any]
     weights = [
         _workloads.get(w).elements * ITEMSIZE[d] * len(config.contenders) + (1 << 22) for w, d, _ in cases
     ]
-    ceiling_weight = config.ceiling_bytes * 3
+    ceiling_weight = config.ceiling_bytes * config.ceiling_rounds // 2  # ~7 methods x rounds, vs ~25 passes a case
     total = float(sum(weights) + ceiling_weight)
     done = 0.0
 
