@@ -265,11 +265,9 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
   // ---- rules shared by every protocol ----
   if (options.access == Access::kWrite && raw.read_only) fail_value("is read-only; it cannot be modified in place");
   const int32_t dev = raw.device.device_type;
-  if (dev != dlpack::kCPU && dev != dlpack::kCUDAHost) {
-    if (dev == dlpack::kCUDA || dev == dlpack::kCUDAManaged)
-      fail_value("is on a CUDA device; this build of gradclip has no CUDA backend yet, so only CPU memory is accepted");
-    fail_value("is on an unsupported device (DLPack device type " + std::to_string(dev) + ")");
-  }
+  if (dev == dlpack::kCPU || dev == dlpack::kCUDAHost) check_device(kHost, obj, list_index, options);
+  else if (dev == dlpack::kCUDA || dev == dlpack::kCUDAManaged) check_device(raw.device.device_id, obj, list_index, options);
+  else fail_value("is on an unsupported device (DLPack device type " + std::to_string(dev) + "); gradclip takes CPU and CUDA memory");
   DType dtype;
   const dlpack::DataType dt = raw.dtype;
   if (dt.lanes != 1) fail_type(dtype_text(dt) + " (vector lanes) cannot be clipped; " + kAccepted);
@@ -304,6 +302,25 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
   span_of_entry.push_back(-1);  // assigned by deduplicate()
   list_index_of_entry.push_back(list_index);
   spans.push_back({layout.numel > 0 ? base : nullptr, layout.numel, dtype});
+}
+
+namespace {
+std::string device_text(int32_t device) {
+  return device == Intake::kHost ? "the CPU" : "cuda:" + std::to_string(device);
+}
+}  // namespace
+
+void Intake::check_device(int32_t dev, PyObject* obj, int32_t list_index, const IntakeOptions& options) {
+  if (device_item_ < 0) {
+    device = dev;
+    device_item_ = list_index;
+    device_example = obj;
+    return;
+  }
+  if (dev != device)
+    throw py::value_error(item_label(options, list_index) + ": is on " + device_text(dev) + " but " +
+                          item_label(options, device_item_) + " is on " + device_text(device) +
+                          "; one call takes tensors on one device (call once per device)");
 }
 
 void Intake::deduplicate(const IntakeOptions& options) {

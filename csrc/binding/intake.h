@@ -43,14 +43,25 @@ class Intake {
   std::vector<int64_t> rows_of_entry;  // filled only with IntakeOptions::rows
   uint32_t dtype_mask = 0;  // bit (1 << DType) for each dtype seen
 
+  // Where the tensors are: host memory (kHost) or one CUDA device (its
+  // number). One call takes tensors on one device; mixing is refused.
+  static constexpr int32_t kHost = -1;
+  int32_t device = kHost;
+  bool on_cuda() const { return device != kHost; }
+  // The first tensor on that device (borrowed; kept alive by the intake): the
+  // allocator makes device memory and finds the stream from it.
+  PyObject* device_example = nullptr;
+
  private:
   void take(PyObject* item, int32_t list_index, const IntakeOptions& options);
+  void check_device(int32_t device, PyObject* obj, int32_t list_index, const IntakeOptions& options);
   void deduplicate(const IntakeOptions& options);
 
   PyObject* fast_ = nullptr;          // the sequence as a list/tuple (owned)
   std::vector<PyObject*> owned_;      // grads and DLPack capsules kept alive until the kernels are done
   std::vector<Py_buffer> buffers_;    // buffer-protocol views to release
   std::vector<std::vector<int64_t>> owned_strides_;  // element strides of buffer views
+  int32_t device_item_ = -1;  // list index of the first tensor seen (for messages)
 };
 
 // Label used in messages, e.g. "parameters[3].grad".

@@ -6,8 +6,10 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 
+#include "binding/cuda_bridge.h"
 #include "binding/intake.h"
 #include "core/clip_math.h"
 #include "core/thread_pool.h"
@@ -15,10 +17,12 @@
 #include "cpu/clip.h"
 #include "cpu/dispatch.h"
 #include "cpu/ops.h"
+#include "cuda/plan_emulator.h"
 
 namespace py = pybind11;
 using namespace gradclip;
 using binding::Access;
+using binding::CudaJob;
 using binding::Intake;
 using binding::IntakeOptions;
 
@@ -57,6 +61,17 @@ py::dict describe(const Intake& in) {
 py::dict norms(py::handle seq, double p, const char* argname, bool grad_attr, bool per_tensor) {
   const NormOrder order = parse_order(p);
   Intake in(seq.ptr(), {argname, grad_attr, Access::kRead});
+  if (in.on_cuda()) {
+    py::dict d = describe(in);
+    CudaJob job;
+    job.request.job = cuda::Job::kNorms;
+    job.request.order = order;
+    job.want_total = true;
+    job.want_per_tensor = per_tensor;
+    binding::run_on_cuda(in, job, d);
+    if (per_tensor) d["indices"] = list_indices(in);
+    return d;
+  }
   cpu::Norms r;
   {
     py::gil_scoped_release nogil;
@@ -77,6 +92,14 @@ cpu::ClipMode parse_mode(const std::string& name) {
   if (name == "normalize") return cpu::ClipMode::kNormalize;
   if (name == "value") return cpu::ClipMode::kValue;
   throw py::value_error("mode: expected 'global', 'per_tensor', 'normalize' or 'value', got '" + name + "'");
+}
+
+cuda::Job cuda_job(cpu::ClipMode mode) {
+  switch (mode) {
+    case cpu::ClipMode::kPerTensor: return cuda::Job::kClipPerTensor;
+    case cpu::ClipMode::kNormalize: return cuda::Job::kNormalize;
+    default: return cuda::Job::kClipGlobal;
+  }
 }
 
 // 'error' and 'skip' are the same natively: write nothing; the caller raises or skips.
@@ -139,6 +162,20 @@ py::dict clip_norm(py::handle seq, double max_norm, double p, double eps, const 
   req.nonfinite = skip_nonfinite ? cpu::NonfinitePolicy::kHold : cpu::NonfinitePolicy::kPropagate;
 
   Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
+  if (in.on_cuda()) {
+    py::dict d = describe(in);
+    CudaJob job;
+    job.request.job = cuda_job(req.mode);
+    job.request.order = req.order;
+    job.request.eps = eps;
+    job.request.hold_nonfinite = skip_nonfinite;
+    job.limits = {max_norm};
+    job.want_total = true;
+    job.want_per_tensor = per_tensor;
+    binding::run_on_cuda(in, job, d);
+    if (per_tensor) d["indices"] = list_indices(in);
+    return d;
+  }
   cpu::ClipOutcome r;
   {
     py::gil_scoped_release nogil;
@@ -153,6 +190,88 @@ py::dict clip_norm(py::handle seq, double max_norm, double p, double eps, const 
     d["indices"] = list_indices(in);
   }
   return d;
+}
+
+// cpu::clip's outcome, computed on the device. The general clip reports
+// floats (training records), so here the host waits for the results: one sync.
+cpu::ClipOutcome clip_on_cuda(const Intake& in, const cpu::ClipRequest& req, const char* argname) {
+  if (req.nonfinite == cpu::NonfinitePolicy::kZero)
+    throw py::value_error(std::string(argname) + ": nonfinite='zero' is not available for CUDA tensors yet; use "
+                          "'propagate', 'error' or 'skip'");
+  const bool grouped = req.groups.n_groups > 0;
+  const size_t n = in.spans.size();
+  const size_t n_groups = grouped ? req.groups.n_groups : 1;
+  auto group_of = [&](size_t s) { return grouped ? req.groups.group_of_span[s] : 0; };
+  const bool value = req.mode == cpu::ClipMode::kValue;
+  if (value)
+    for (double l : req.limits)
+      if (l != req.limits[0])
+        throw py::value_error(std::string(argname) + ": value clipping with a different limit per group is not "
+                              "available for CUDA tensors yet");
+
+  CudaJob job;
+  job.request.job = value ? cuda::Job::kNorms : cuda_job(req.mode);
+  job.request.order = req.order;
+  job.request.eps = req.eps;
+  job.request.hold_nonfinite = req.nonfinite == cpu::NonfinitePolicy::kHold;
+  job.limits = req.limits;
+  if (grouped) job.group_of_span = req.groups.group_of_span;
+  job.want_total = job.want_per_group = job.want_per_tensor = true;
+  job.force_f64 = true;  // the record gets the device's exact values
+  py::dict d;
+  binding::run_on_cuda(in, job, d);
+  static PyObject* to_host = py::object(py::module_::import("gradclip._device").attr("to_host")).release().ptr();
+  const py::array_t<uint8_t> bytes = py::reinterpret_steal<py::object>(
+      PyObject_CallFunctionObjArgs(to_host, d["device_out"].ptr(), nullptr));
+  if (!bytes) throw py::error_already_set();
+  auto at = [&](const char* key, size_t i) {
+    double v;
+    std::memcpy(&v, bytes.data() + d[key].cast<int64_t>() + 8 * i, 8);
+    return v;
+  };
+
+  cpu::ClipOutcome r;
+  r.norms.total = at("total_offset", 0);
+  r.norms.per_span.resize(n);
+  r.nonfinite_spans.resize(n);
+  for (size_t s = 0; s < n; ++s) {
+    r.norms.per_span[s] = at("tensor_offset", s);
+    r.nonfinite_spans[s] = !std::isfinite(r.norms.per_span[s]);
+    r.nonfinite |= r.nonfinite_spans[s] != 0;
+  }
+  r.nonfinite |= !std::isfinite(r.norms.total);
+  if (grouped)
+    for (size_t g = 0; g < n_groups; ++g) r.norms.per_group.push_back(at("group_offset", g));
+  const bool hold = r.nonfinite && req.nonfinite == cpu::NonfinitePolicy::kHold;
+  r.span_coefs.assign(n, 1.0);
+  if (value) {
+    if (!hold) {
+      CudaJob clamp;
+      clamp.request.job = cuda::Job::kClamp;
+      clamp.request.clamp_limit = req.limits[0];
+      clamp.want_changed = true;
+      py::dict c;
+      binding::run_on_cuda(in, clamp, c);
+      r.written = py::module_::import("gradclip._device").attr("any_flag")(c).cast<bool>();
+    }
+    return r;
+  }
+  // The same coefficients the finalize kernel computed, from the same doubles.
+  if (req.mode == cpu::ClipMode::kPerTensor) {
+    for (size_t s = 0; s < n; ++s)
+      r.span_coefs[s] = clip_coefficient(req.limits[group_of(s)], r.norms.per_span[s], req.eps);
+  } else {
+    r.group_coefs.resize(n_groups);
+    for (size_t g = 0; g < n_groups; ++g) {
+      const double norm = grouped ? r.norms.per_group[g] : r.norms.total;
+      r.group_coefs[g] = req.mode == cpu::ClipMode::kGlobal ? clip_coefficient(req.limits[g], norm, req.eps)
+                                                              : normalize_coefficient(req.limits[g], norm);
+    }
+    for (size_t s = 0; s < n; ++s) r.span_coefs[s] = r.group_coefs[group_of(s)];
+  }
+  if (!hold)
+    for (size_t s = 0; s < n; ++s) r.written |= r.span_coefs[s] != 1.0 && in.spans[s].numel > 0;
+  return r;
 }
 
 // The general clip: items in groups with a limit each, any mode, any nonfinite
@@ -195,7 +314,9 @@ py::dict clip(py::handle seq, const std::vector<double>& limits, py::object grou
   }
 
   cpu::ClipOutcome r;
-  {
+  if (in.on_cuda()) {
+    r = clip_on_cuda(in, req, argname);
+  } else {
     py::gil_scoped_release nogil;
     r = cpu::clip(in.spans, req);
   }
@@ -241,6 +362,9 @@ py::dict clip_units(py::handle seq, const std::vector<double>& clipping, py::obj
 
   const IntakeOptions grad_options{argname, true, Access::kWrite, true, &taken};
   Intake grads(items.ptr(), grad_options);
+  if (grads.on_cuda())
+    throw py::value_error(std::string(argname) + ": adaptive gradient clipping (agc) is not available for CUDA "
+                          "tensors yet; it runs on CPU tensors");
   // The parameters of those gradients only (a frozen parameter is not read):
   // parameter entry k belongs to gradient entry k.
   const IntakeOptions param_options{argname, false, Access::kRead, true, &grads.list_index_of_entry};
@@ -289,6 +413,14 @@ py::dict clip_units(py::handle seq, const std::vector<double>& clipping, py::obj
 
 py::dict scale(py::handle seq, double coef, const char* argname, bool grad_attr) {
   Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
+  if (in.on_cuda()) {
+    py::dict d = describe(in);
+    CudaJob job;
+    job.request.job = cuda::Job::kScale;
+    job.request.coef = coef;
+    binding::run_on_cuda(in, job, d);
+    return d;
+  }
   {
     py::gil_scoped_release nogil;
     cpu::scale(in.spans, std::vector<double>(in.spans.size(), coef));
@@ -296,9 +428,18 @@ py::dict scale(py::handle seq, double coef, const char* argname, bool grad_attr)
   return describe(in);
 }
 
-py::dict clamp(py::handle seq, double limit, const char* argname, bool grad_attr) {
+py::dict clamp(py::handle seq, double limit, const char* argname, bool grad_attr, bool want_changed) {
   if (!(limit >= 0.0)) throw py::value_error("clip_value must be >= 0, got " + std::to_string(limit));
   Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
+  if (in.on_cuda()) {
+    py::dict d = describe(in);
+    CudaJob job;
+    job.request.job = cuda::Job::kClamp;
+    job.request.clamp_limit = limit;
+    job.want_changed = want_changed;
+    binding::run_on_cuda(in, job, d);
+    return d;
+  }
   bool changed;
   {
     py::gil_scoped_release nogil;
@@ -307,6 +448,40 @@ py::dict clamp(py::handle seq, double limit, const char* argname, bool grad_attr
   py::dict d = describe(in);
   d["changed"] = changed;
   return d;
+}
+
+// torch's clip_grads_with_norm_: scale by min(max_norm / (total_norm + eps), 1)
+// where total_norm is a 0-d or 1-element tensor. On CUDA the coefficient is
+// computed on the device from the norm's memory: no host sync.
+py::dict scale_by_norm(py::handle seq, double max_norm, py::handle total_norm, double eps, const char* argname,
+                       bool grad_attr) {
+  check_limit(max_norm, "max_norm");
+  Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
+  const py::tuple one = py::make_tuple(total_norm);
+  Intake norm(one.ptr(), {"total_norm", false, Access::kRead});
+  if (norm.spans.size() != 1 || norm.spans[0].numel != 1)
+    throw py::value_error("total_norm: expected one number (a 0-d or 1-element tensor)");
+  if (in.on_cuda()) {
+    if (norm.device != in.device)
+      throw py::value_error(std::string("total_norm: must be on the gradients' device (cuda:") +
+                            std::to_string(in.device) + ")");
+    py::dict d = describe(in);
+    CudaJob job;
+    job.request.job = cuda::Job::kScale;
+    job.request.max_norm = max_norm;
+    job.request.eps = eps;
+    job.norm = &norm.spans[0];
+    binding::run_on_cuda(in, job, d);
+    return d;
+  }
+  if (norm.on_cuda()) throw py::value_error("total_norm: is on a CUDA device but the gradients are on the CPU");
+  const double total = load_as_double(norm.spans[0].data, 0, norm.spans[0].dtype);
+  const double coef = clip_coefficient(max_norm, total, eps);
+  {
+    py::gil_scoped_release nogil;
+    cpu::scale(in.spans, std::vector<double>(in.spans.size(), coef));
+  }
+  return describe(in);
 }
 
 }  // namespace
@@ -323,7 +498,24 @@ PYBIND11_MODULE(_core, m) {
   m.def("clip_units", &clip_units, py::arg("seq"), py::arg("clipping"), py::arg("group_of_item"), py::arg("eps"),
         py::arg("p"), py::arg("nonfinite"), py::arg("argname"));
   m.def("scale", &scale, py::arg("seq"), py::arg("coef"), py::arg("argname"), py::arg("grad_attr"));
-  m.def("clamp", &clamp, py::arg("seq"), py::arg("limit"), py::arg("argname"), py::arg("grad_attr"));
+  m.def("clamp", &clamp, py::arg("seq"), py::arg("limit"), py::arg("argname"), py::arg("grad_attr"),
+        py::arg("want_changed") = true);
+  m.def("scale_by_norm", &scale_by_norm, py::arg("seq"), py::arg("max_norm"), py::arg("total_norm"), py::arg("eps"),
+        py::arg("argname"), py::arg("grad_attr"));
+
+  // Test hooks: the CUDA kernels' plan, emulated on the host (cuda/plan_emulator.h).
+  m.def("_cuda_plan_coverage", &cuda_plan::check_coverage, py::arg("numels"), py::arg("elem_bytes"),
+        py::arg("misalign"), py::arg("plant") = "");
+  m.def("_cuda_plan_norms", [](py::handle seq, double p) {
+    Intake in(seq.ptr(), {"arrays", false, Access::kRead});
+    if (in.on_cuda()) throw py::value_error("arrays: the emulation reads host memory");
+    const cuda_plan::EmulatedNorms r = cuda_plan::emulate_norms(in.spans, parse_order(p));
+    py::dict d;
+    d["norms"] = per_entry(in, r.per_span);
+    d["total"] = r.total;
+    d["rescued_segments"] = r.rescued_segments;
+    return d;
+  }, py::arg("seq"), py::arg("p"));
 
   m.def("clip_coefficient", &clip_coefficient, py::arg("max_norm"), py::arg("norm"), py::arg("eps"));
 

@@ -109,4 +109,16 @@ static inline double load_as_double(const void* p, int64_t i, DType t) {
   return 0.0;
 }
 
+// A bound as it is stored in dtype t (round to nearest even), as torch does
+// when it converts a clamp scalar to the tensor's dtype.
+static inline double round_to_dtype(double v, DType t) {
+  switch (t) {
+    case DType::kF64: return v;
+    case DType::kF32: return static_cast<float>(v);
+    case DType::kF16: return f16_to_float(float_to_f16(static_cast<float>(v)));
+    case DType::kBF16: return bf16_to_float(float_to_bf16(static_cast<float>(v)));
+  }
+  return v;
+}
+
 }  // namespace gradclip

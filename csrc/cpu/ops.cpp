@@ -286,22 +286,6 @@ void scale(const std::vector<Span>& spans, const std::vector<double>& coefs) {
   });
 }
 
-namespace {
-
-// A bound as it is stored in dtype t (round to nearest even), as torch does
-// when it converts a clamp scalar to the tensor's dtype.
-double round_to_dtype(double v, DType t) {
-  switch (t) {
-    case DType::kF64: return v;
-    case DType::kF32: return static_cast<float>(v);
-    case DType::kF16: return f16_to_float(float_to_f16(static_cast<float>(v)));
-    case DType::kBF16: return bf16_to_float(float_to_bf16(static_cast<float>(v)));
-  }
-  return v;
-}
-
-}  // namespace
-
 bool clamp_symmetric(const std::vector<Span>& spans, const std::vector<double>& limits) {
   std::vector<double> hi_of(spans.size());
   for (size_t s = 0; s < spans.size(); ++s) hi_of[s] = round_to_dtype(limits[s], spans[s].dtype);

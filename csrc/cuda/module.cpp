@@ -1,11 +1,17 @@
 // gradclip._cuda: the CUDA backend module, loaded lazily by the Python package
 // (importing it never initialises CUDA). It is a separate extension so the CPU
 // package works on machines with no GPU, no driver and no CUDA libraries.
+// gradclip._core reaches the kernels through the Api table in `_api`.
 #include <pybind11/pybind11.h>
 
+#include "cuda/api.h"
 #include "cuda/runtime_probe.h"
 
 namespace py = pybind11;
+
+namespace gradclip::cuda {
+const Api& api();  // kernels.cu
+}
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "gradclip's CUDA module (static CUDA runtime).";
@@ -19,4 +25,5 @@ PYBIND11_MODULE(_cuda, m) {
     d["error"] = s.error;
     return d;
   });
+  m.attr("_api") = py::capsule(const_cast<gradclip::cuda::Api*>(&gradclip::cuda::api()), "gradclip._cuda.api");
 }

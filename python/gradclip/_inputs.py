@@ -3,6 +3,7 @@ turning native results into the caller's framework types."""
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Dict, Sequence
 
@@ -84,9 +85,28 @@ def torch_scalar(torch: Any, value: float, info: Dict[str, Any], device: Any) ->
     return torch.scalar_tensor(value, dtype=dtype, device=device)
 
 
-def scalar_result(items: Sequence[Any], value: float, info: Dict[str, Any]) -> Any:
+def total_of(info: Dict[str, Any]) -> Any:
+    """The total norm of a native result: a float, or a 0-d device array for CUDA input."""
+    if "device_out" in info:
+        from . import _device
+
+        return _device.total(info)
+    return info["total"]
+
+
+def total_is_finite(info: Dict[str, Any]) -> bool:
+    """Whether the total norm is finite; for CUDA input this waits for the device
+    (the one host sync ``error_if_nonfinite=True`` needs)."""
+    return math.isfinite(float(total_of(info)))
+
+
+def scalar_result(items: Sequence[Any], info: Dict[str, Any]) -> Any:
     """A total norm in the caller's framework: a 0-d tensor for torch input
-    (on the first tensor's device), a Python float otherwise."""
+    (on the first tensor's device), a 0-d device array for CUDA input, a
+    Python float otherwise."""
+    if "device_out" in info:
+        return total_of(info)
+    value = info["total"]
     index = info["first_index"]
     torch = _torch_if_tensor(items[index]) if index >= 0 else None
     if torch is None:
@@ -94,8 +114,14 @@ def scalar_result(items: Sequence[Any], value: float, info: Dict[str, Any]) -> A
     return torch_scalar(torch, value, info, items[index].device)
 
 
-def vector_result(items: Sequence[Any], values: np.ndarray, info: Dict[str, Any]) -> Any:
-    """Per-tensor norms (float64): a NumPy array, or a torch tensor for torch input."""
+def vector_result(items: Sequence[Any], info: Dict[str, Any]) -> Any:
+    """Per-tensor norms: a NumPy array (float64), a torch tensor for torch input,
+    or a device array for CUDA input (float32, or float64 for float64 input)."""
+    if "device_out" in info:
+        from . import _device
+
+        return _device.per_tensor(info)
+    values = info["norms"]
     index = info["first_index"]
     torch = _torch_if_tensor(items[index]) if index >= 0 else None
     if torch is None:

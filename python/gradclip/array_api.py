@@ -8,11 +8,18 @@ arrays in place and validate every array before writing to any.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Union
 
 from . import _core
-from ._inputs import as_list, nonfinite_error, nonnegative, norm_order, scalar_result, vector_result
+from ._inputs import (
+    as_list,
+    nonfinite_error,
+    nonnegative,
+    norm_order,
+    scalar_result,
+    total_is_finite,
+    vector_result,
+)
 
 __all__ = [
     "global_norm",
@@ -34,14 +41,14 @@ def global_norm(arrays: Arrays, ord: float = 2.0) -> Any:
     """
     items = as_list(arrays)
     info = _core.norms(items, norm_order(ord, "ord"), "arrays", False, False)
-    return scalar_result(items, info["total"], info)
+    return scalar_result(items, info)
 
 
 def tensor_norms(arrays: Arrays, ord: float = 2.0) -> Any:
     """The ``ord``-norm of each array, from the same single pass (float64)."""
     items = as_list(arrays)
     info = _core.norms(items, norm_order(ord, "ord"), "arrays", False, True)
-    return vector_result(items, info["norms"], info)
+    return vector_result(items, info)
 
 
 def clip_by_global_norm_(
@@ -65,19 +72,26 @@ def clip_by_global_norm_(
         items, nonnegative(max_norm, "max_norm"), p, nonnegative(eps, "eps"), "global", "arrays", False, False,
         bool(error_if_nonfinite),
     )
-    if error_if_nonfinite and not math.isfinite(info["total"]):
+    if error_if_nonfinite and not total_is_finite(info):
         raise nonfinite_error(p)
-    return scalar_result(items, info["total"], info)
+    return scalar_result(items, info)
 
 
-def clip_by_value_(arrays: Arrays, clip_value: float) -> bool:
+def clip_by_value_(arrays: Arrays, clip_value: float) -> Any:
     """Clamp every element to ``[-clip_value, clip_value]``, in place.
 
-    Returns True when some element was changed. NaN elements stay NaN.
+    Returns True when some element was changed (for CUDA arrays, a 0-d bool
+    array on the device, so that the call does not wait for the GPU). NaN
+    elements stay NaN.
     """
     items = as_list(arrays)
     v = nonnegative(clip_value, "clip_value")
-    return bool(_core.clamp(items, v, "arrays", False)["changed"])
+    info = _core.clamp(items, v, "arrays", False)
+    if "device_out" in info:
+        from . import _device
+
+        return _device.changed(info)
+    return bool(info["changed"])
 
 
 def clip_by_norm_(arrays: Arrays, max_norm: float, ord: float = 2.0, *, eps: float = 1e-6) -> Any:
@@ -88,7 +102,7 @@ def clip_by_norm_(arrays: Arrays, max_norm: float, ord: float = 2.0, *, eps: flo
         items, nonnegative(max_norm, "max_norm"), norm_order(ord, "ord"), nonnegative(eps, "eps"), "per_tensor",
         "arrays", False, True, False,
     )
-    return vector_result(items, info["norms"], info)
+    return vector_result(items, info)
 
 
 def normalize_(arrays: Arrays, target_norm: float = 1.0, ord: float = 2.0) -> Any:
@@ -99,4 +113,4 @@ def normalize_(arrays: Arrays, target_norm: float = 1.0, ord: float = 2.0) -> An
         items, nonnegative(target_norm, "target_norm"), norm_order(ord, "ord"), 0.0, "normalize", "arrays", False,
         False, False,
     )
-    return scalar_result(items, info["total"], info)
+    return scalar_result(items, info)

@@ -12,13 +12,21 @@ Deliberate differences (see README, "Differences from torch"):
 
 from __future__ import annotations
 
-import math
 import types
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 from . import _core
-from ._inputs import as_list, nonfinite_error, nonnegative, norm_order, torch_scalar
+from ._inputs import (
+    as_list,
+    is_array_like,
+    nonfinite_error,
+    nonnegative,
+    norm_order,
+    torch_scalar,
+    total_is_finite,
+    total_of,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -32,12 +40,16 @@ __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_
 _EPS = 1e-6  # torch's: coef = max_norm / (total_norm + 1e-6)
 
 
-def _total_as_tensor(items, info, total: float, of_grads: bool) -> "torch.Tensor":
-    """The total norm on the first gradient's (or, for get_total_norm, tensor's) device."""
+def _total_as_tensor(items, info, of_grads: bool) -> "torch.Tensor":
+    """The total norm on the first gradient's (or, for get_total_norm, tensor's)
+    device; CUDA results are already there, computed without a host sync."""
     import torch
 
     if info["count"] == 0:
         return torch.tensor(0.0)
+    total = total_of(info)
+    if not isinstance(total, float):
+        return total
     first = items[info["first_index"]]
     device = first.grad.device if of_grads else first.device
     return torch_scalar(torch, total, info, device)
@@ -77,10 +89,9 @@ def clip_grad_norm_(
     p = norm_order(norm_type, "norm_type")
     limit = nonnegative(max_norm, "max_norm")
     info = _core.clip_norm(params, limit, p, _EPS, "global", "parameters", True, False, bool(error_if_nonfinite))
-    total = info["total"]
-    if error_if_nonfinite and not math.isfinite(total):
+    if error_if_nonfinite and not total_is_finite(info):
         raise nonfinite_error(p)
-    return _total_as_tensor(params, info, total, of_grads=True)
+    return _total_as_tensor(params, info, of_grads=True)
 
 
 def get_total_norm(
@@ -98,10 +109,9 @@ def get_total_norm(
     items = as_list(tensors)
     p = norm_order(norm_type, "norm_type")
     info = _core.norms(items, p, "tensors", False, False)
-    total = info["total"]
-    if error_if_nonfinite and not math.isfinite(total):
+    if error_if_nonfinite and not total_is_finite(info):
         raise nonfinite_error(p)
-    return _total_as_tensor(items, info, total, of_grads=False)
+    return _total_as_tensor(items, info, of_grads=False)
 
 
 def clip_grads_with_norm_(
@@ -116,8 +126,11 @@ def clip_grads_with_norm_(
     del foreach
     params = as_list(parameters)
     limit = nonnegative(max_norm, "max_norm")
-    coef = _core.clip_coefficient(limit, float(total_norm), _EPS)
-    _core.scale(params, coef, "parameters", True)
+    if is_array_like(total_norm):
+        # Read where it lies: on CUDA the coefficient is computed on the device.
+        _core.scale_by_norm(params, limit, total_norm, _EPS, "parameters", True)
+    else:
+        _core.scale(params, _core.clip_coefficient(limit, float(total_norm), _EPS), "parameters", True)
 
 
 def clip_grad_value_(
@@ -133,4 +146,4 @@ def clip_grad_value_(
     del foreach
     params = as_list(parameters)
     v = nonnegative(clip_value, "clip_value")
-    _core.clamp(params, v, "parameters", True)
+    _core.clamp(params, v, "parameters", True, False)

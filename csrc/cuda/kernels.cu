@@ -1,0 +1,630 @@
+// The CUDA kernels and the host code that launches them. One call of a job:
+//   norm     one launch per table of up to kMaxTensorsPerLaunch tensors (one
+//            for any list the size of a real model's): per-segment partial
+//            power sums, overflow-safe, in fixed slots (plan.h)
+//   finalize one single-block launch: per-tensor, per-group and total norms,
+//            folded in a fixed order, and the clip coefficients, on the device
+//   rescale  one launch per table: reads the coefficient from device memory and
+//            writes nothing for a tensor whose coefficient is exactly 1
+// Nothing here waits for the device, allocates, or copies host memory, so a
+// job is capturable in a CUDA graph: its metadata travels by value in the
+// kernel parameters (32 KB since CUDA 12.1), and the workspace and outputs are
+// device memory the caller's framework allocated.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "core/clip_math.h"
+#include "cuda/api.h"
+#include "cuda/plan.h"
+
+namespace gradclip::cuda {
+namespace {
+
+using namespace cuda_plan;
+
+constexpr int kMaxParamGroups = 256;
+constexpr int64_t kAlign = 256;
+
+// ---- launch metadata (by value in the kernel parameters) ----
+struct Table {
+  int64_t first_block;   // global number of this launch's block 0
+  int32_t n;             // tensors in this launch
+  int32_t first_tensor;  // global number of its tensor 0
+  int32_t launch_index;  // which table of the call (0, 1, ...)
+  int32_t unused;
+  void* ptrs[kMaxTensorsPerLaunch];
+  uint64_t tags[kMaxTensorsPerLaunch + 1];  // tags[n]: the end of the last tensor
+};
+
+struct NormParams {
+  Table table;
+  Partial* partials;
+  uint64_t* tags_out;  // all tags of the call, for the finalize kernel
+  double p;
+};
+
+enum class CoefSource : int32_t { kValue, kPerGroup, kPerTensor, kFromNorm };
+
+struct ScaleParams {
+  Table table;
+  CoefSource source;
+  DType norm_dtype;
+  double value;          // kValue
+  const double* coefs;   // kPerGroup / kPerTensor
+  const void* norm;      // kFromNorm: min(max_norm / (*norm + eps), 1)
+  double max_norm;
+  double eps;
+};
+
+struct ClampParams {
+  Table table;
+  double bound[kNumDTypes];  // the limit rounded to each dtype
+  uint8_t* flags;            // one per block: 1 when it changed something
+};
+
+struct FinalizeParams {
+  int64_t n;
+  int32_t n_groups;
+  Kind kind;
+  Job job;
+  int32_t hold_nonfinite;
+  double p;
+  double eps;
+  const uint64_t* tags;
+  const Partial* partials;
+  Partial* tensor_sums;
+  double* coefs;
+  Outputs out;
+  double limits[kMaxParamGroups];
+};
+
+static_assert(sizeof(NormParams) <= 32764 && sizeof(ScaleParams) <= 32764 && sizeof(ClampParams) <= 32764 &&
+                  sizeof(FinalizeParams) <= 32764,
+              "kernel parameters are limited to 32764 bytes");
+
+// ---- element access ----
+template <class T> struct ComputeOf { using type = float; };
+template <> struct ComputeOf<double> { using type = double; };
+
+__device__ __forceinline__ float to_c(float v) { return v; }
+__device__ __forceinline__ double to_c(double v) { return v; }
+__device__ __forceinline__ float to_c(f16_t v) { return __half2float(__ushort_as_half(v.bits)); }
+__device__ __forceinline__ float to_c(bf16_t v) { return __uint_as_float(uint32_t(v.bits) << 16); }
+
+__device__ __forceinline__ float from_c(float c, float) { return c; }
+__device__ __forceinline__ double from_c(double c, double) { return c; }
+__device__ __forceinline__ f16_t from_c(float c, f16_t) { return {__half_as_ushort(__float2half_rn(c))}; }
+__device__ __forceinline__ bf16_t from_c(float c, bf16_t) { return {__bfloat16_as_ushort(__float2bfloat16_rn(c))}; }
+
+__device__ __forceinline__ float load_ro(const float* p) { return __ldg(p); }
+__device__ __forceinline__ double load_ro(const double* p) { return __ldg(p); }
+__device__ __forceinline__ f16_t load_ro(const f16_t* p) { return {__ldg(reinterpret_cast<const unsigned short*>(p))}; }
+__device__ __forceinline__ bf16_t load_ro(const bf16_t* p) { return {__ldg(reinterpret_cast<const unsigned short*>(p))}; }
+
+template <class T>
+union Vec {
+  static constexpr int kLanes = kVectorBytes / sizeof(T);
+  uint4 raw;
+  T lane[kLanes];
+};
+
+// ---- deterministic reductions (fixed shuffle trees) ----
+template <bool kMax>
+__device__ __forceinline__ double fold2(double a, double b) {
+  return kMax ? nan_max(a, b) : a + b;
+}
+
+template <bool kMax>
+__device__ __forceinline__ double warp_fold(double v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fold2<kMax>(v, __shfl_down_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// The fold of v over the block, returned to every thread. smem: 33 doubles.
+template <bool kMax>
+__device__ double block_fold(double v, double* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_fold<kMax>(v);
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < int(blockDim.x >> 5) ? smem[lane] : 0.0;  // 0 is the identity of both (values are >= 0)
+    v = warp_fold<kMax>(v);
+    if (lane == 0) smem[32] = v;
+  }
+  __syncthreads();
+  return smem[32];
+}
+
+__device__ __forceinline__ Partial shfl_down_partial(Partial a, int off) {
+  return {__shfl_down_sync(0xffffffffu, a.sum, off), __shfl_down_sync(0xffffffffu, a.scale, off), 0};
+}
+
+__device__ Partial warp_combine(Partial a, Kind kind, double p) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) a = combine(a, shfl_down_partial(a, off), kind, p);
+  return a;
+}
+
+// Combined over the block and returned to every thread. smem: 33 Partials.
+__device__ Partial block_combine(Partial a, Kind kind, double p, Partial* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  a = warp_combine(a, kind, p);
+  if (lane == 0) smem[warp] = a;
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < int(blockDim.x >> 5) ? smem[lane] : Partial{0.0, 0, 0};
+    a = warp_combine(a, kind, p);
+    if (lane == 0) smem[32] = a;
+  }
+  __syncthreads();
+  const Partial r = smem[32];
+  __syncthreads();  // smem is reused by the next call
+  return r;
+}
+
+// ---- walking a launch's blocks and segments ----
+// Calls fn(t, offset, count, dtype, block) for each segment of this block (plan.h).
+template <class Fn>
+__device__ __forceinline__ void for_each_block_segment(const Table& tb, Fn&& fn) {
+  const int64_t block = tb.first_block + blockIdx.x;
+  cuda_plan::for_each_segment(tb.tags, tb.n, block, [&](int t, int64_t offset, int64_t count) {
+    fn(t, offset, count, tag_dtype(tb.tags[t]), block);
+  });
+}
+
+// ---- norm ----
+template <Kind K>
+__device__ __forceinline__ double step(double acc, double a, double p) {
+  if constexpr (K == Kind::kL1) return acc + a;
+  else if constexpr (K == Kind::kL2) return acc + a * a;
+  else if constexpr (K == Kind::kInf) return nan_max(acc, a);
+  else return acc + pow(a, p);
+}
+
+// The partial power sum of n elements at x, for the whole block.
+template <Kind K, class T>
+__device__ Partial segment_power(const T* x, int64_t n, double p, double* smem) {
+  constexpr int64_t kPer = Vec<T>::kLanes;
+  constexpr bool kRescue = K == Kind::kP || (K == Kind::kL2 && sizeof(T) == 8);
+  const SegmentSplit sp = split_segment(reinterpret_cast<uint64_t>(x), n, sizeof(T));
+  const uint4* vectors = reinterpret_cast<const uint4*>(x + sp.head);
+  double acc = 0.0, max_abs = 0.0;
+  auto visit = [&](double v) {
+    const double a = fabs(v);
+    acc = step<K>(acc, a, p);
+    if constexpr (kRescue) max_abs = nan_max(max_abs, a);
+  };
+  walk_segment(
+      sp, kPer, threadIdx.x, kThreads, [&](int64_t i) { visit(to_c(load_ro(x + i))); },
+      [&](int64_t v) {
+        Vec<T> w;
+        w.raw = __ldg(vectors + v);
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) visit(to_c(w.lane[k]));
+      });
+  const double sum = block_fold<K == Kind::kInf>(acc, smem);
+  if constexpr (kRescue) {
+    const double m = block_fold<true>(max_abs, smem);
+    if (needs_rescue(sum, m)) {
+      // Rare: redo with every element scaled by 2^-e (exact), as the CPU does.
+      const int e = ilogb(m);
+      acc = 0.0;
+      auto visit_scaled = [&](double v) { acc = step<K>(acc, ldexp_exact(fabs(v), -e), p); };
+      walk_segment(
+          sp, kPer, threadIdx.x, kThreads, [&](int64_t i) { visit_scaled(to_c(load_ro(x + i))); },
+          [&](int64_t v) {
+            Vec<T> w;
+            w.raw = __ldg(vectors + v);
+            for (int k = 0; k < kPer; ++k) visit_scaled(to_c(w.lane[k]));
+          });
+      return {block_fold<false>(acc, smem), e, 0};
+    }
+  }
+  return {sum, 0, 0};
+}
+
+template <Kind K>
+__global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ NormParams prm) {
+  __shared__ double smem[33];
+  const Table& tb = prm.table;
+  if (blockIdx.x == 0)
+    for (int i = threadIdx.x; i <= tb.n; i += kThreads) prm.tags_out[tb.first_tensor + i] = tb.tags[i];
+  for_each_block_segment(tb, [&](int t, int64_t offset, int64_t count, int dtype, int64_t block) {
+    Partial r;
+    switch (DType(dtype)) {
+      case DType::kF32: r = segment_power<K>(static_cast<const float*>(tb.ptrs[t]) + offset, count, prm.p, smem); break;
+      case DType::kF64: r = segment_power<K>(static_cast<const double*>(tb.ptrs[t]) + offset, count, prm.p, smem); break;
+      case DType::kF16: r = segment_power<K>(static_cast<const f16_t*>(tb.ptrs[t]) + offset, count, prm.p, smem); break;
+      default: r = segment_power<K>(static_cast<const bf16_t*>(tb.ptrs[t]) + offset, count, prm.p, smem); break;
+    }
+    if (threadIdx.x == 0) prm.partials[segment_slot(tb.first_tensor + t, block)] = r;
+  });
+}
+
+// ---- finalize: one block folds the partials, in a fixed order ----
+__device__ void store_norm(void* out, int64_t i, double v, bool f64) {
+  if (f64) static_cast<double*>(out)[i] = v;
+  else static_cast<float*>(out)[i] = float(v);  // round to nearest: just above FLT_MAX stays FLT_MAX
+}
+
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid_constant__ FinalizeParams f) {
+  __shared__ Partial smem[33];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int kWarps = kFinalizeThreads / 32;
+  // Each tensor's segments: a few by one thread, many by a warp.
+  for (int64_t t = tid; t < f.n; t += kFinalizeThreads) {
+    const int64_t s = tag_start(f.tags[t]), e = tag_start(f.tags[t + 1]);
+    const int64_t b0 = first_block(s), b1 = end_block(s, e);
+    if (b1 - b0 > kSerialFoldSegments) continue;
+    Partial acc{0.0, 0, 0};
+    for (int64_t b = b0; b < b1; ++b) acc = combine(acc, f.partials[segment_slot(t, b)], f.kind, f.p);
+    f.tensor_sums[t] = acc;
+  }
+  for (int64_t t = warp; t < f.n; t += kWarps) {
+    const int64_t s = tag_start(f.tags[t]), e = tag_start(f.tags[t + 1]);
+    const int64_t b0 = first_block(s), b1 = end_block(s, e);
+    if (b1 - b0 <= kSerialFoldSegments) continue;
+    Partial acc{0.0, 0, 0};
+    for (int64_t b = b0 + lane; b < b1; b += 32) acc = combine(acc, f.partials[segment_slot(t, b)], f.kind, f.p);
+    acc = warp_combine(acc, f.kind, f.p);
+    if (lane == 0) f.tensor_sums[t] = acc;
+  }
+  __syncthreads();
+
+  int bad = 0;
+  for (int64_t t = tid; t < f.n; t += kFinalizeThreads) {
+    const double norm = partial_norm(f.tensor_sums[t], f.kind, f.p);
+    bad |= !isfinite(norm);
+    if (f.out.per_tensor) store_norm(f.out.per_tensor, t, norm, f.out.out_f64);
+  }
+  // The total, then each group's norm and coefficient: a strided fold, then a tree.
+  Partial all{0.0, 0, 0};
+  for (int64_t t = tid; t < f.n; t += kFinalizeThreads) all = combine(all, f.tensor_sums[t], f.kind, f.p);
+  const double total = partial_norm(block_combine(all, f.kind, f.p, smem), f.kind, f.p);
+  // Finite tensors whose total exceeds float64 count too (torch tests the total).
+  const bool hold = __syncthreads_or(bad || !isfinite(total)) && f.hold_nonfinite;
+  for (int g = 0; g < f.n_groups; ++g) {
+    double norm = total;
+    if (f.n_groups > 1) {
+      Partial acc{0.0, 0, 0};
+      for (int64_t t = tid; t < f.n; t += kFinalizeThreads)
+        if (tag_group(f.tags[t]) == g) acc = combine(acc, f.tensor_sums[t], f.kind, f.p);
+      norm = partial_norm(block_combine(acc, f.kind, f.p, smem), f.kind, f.p);
+    }
+    if (tid == 0) {
+      if (f.out.per_group) store_norm(f.out.per_group, g, norm, f.out.out_f64);
+      if (f.job == Job::kClipGlobal) f.coefs[g] = hold ? 1.0 : clip_coefficient(f.limits[g], norm, f.eps);
+      if (f.job == Job::kNormalize) f.coefs[g] = hold ? 1.0 : normalize_coefficient(f.limits[g], norm);
+    }
+  }
+  if (tid == 0 && f.out.total) store_norm(f.out.total, 0, total, f.out.out_f64);
+  if (f.job == Job::kClipPerTensor) {
+    for (int64_t t = tid; t < f.n; t += kFinalizeThreads) {
+      const double norm = partial_norm(f.tensor_sums[t], f.kind, f.p);
+      f.coefs[t] = hold ? 1.0 : clip_coefficient(f.limits[tag_group(f.tags[t])], norm, f.eps);
+    }
+  }
+}
+
+// ---- rescale: x *= coef, in the dtype's compute type, as the CPU does ----
+__device__ double load_norm(const void* p, DType t) {
+  switch (t) {
+    case DType::kF32: return *static_cast<const float*>(p);
+    case DType::kF64: return *static_cast<const double*>(p);
+    case DType::kF16: return to_c(*static_cast<const f16_t*>(p));
+    default: return to_c(*static_cast<const bf16_t*>(p));
+  }
+}
+
+template <class T>
+__device__ void segment_scale(T* x, int64_t n, double coef) {
+  using C = typename ComputeOf<T>::type;
+  constexpr int64_t kPer = Vec<T>::kLanes;
+  const C c = C(coef);
+  const SegmentSplit sp = split_segment(reinterpret_cast<uint64_t>(x), n, sizeof(T));
+  uint4* vectors = reinterpret_cast<uint4*>(x + sp.head);
+  walk_segment(
+      sp, kPer, threadIdx.x, kThreads, [&](int64_t i) { x[i] = from_c(to_c(x[i]) * c, T{}); },
+      [&](int64_t v) {
+        Vec<T> w;
+        w.raw = vectors[v];
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) w.lane[k] = from_c(to_c(w.lane[k]) * c, T{});
+        vectors[v] = w.raw;
+      });
+}
+
+__global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__ ScaleParams prm) {
+  const Table& tb = prm.table;
+  double block_coef = prm.value;
+  if (prm.source == CoefSource::kFromNorm)
+    block_coef = clip_coefficient(prm.max_norm, load_norm(prm.norm, prm.norm_dtype), prm.eps);
+  for_each_block_segment(tb, [&](int t, int64_t offset, int64_t count, int dtype, int64_t) {
+    double coef = block_coef;
+    if (prm.source == CoefSource::kPerGroup) coef = prm.coefs[tag_group(tb.tags[t])];
+    else if (prm.source == CoefSource::kPerTensor) coef = prm.coefs[tb.first_tensor + t];
+    if (coef == 1.0) return;  // the point of it all: an unclipped tensor costs no write
+    switch (DType(dtype)) {
+      case DType::kF32: segment_scale(static_cast<float*>(tb.ptrs[t]) + offset, count, coef); break;
+      case DType::kF64: segment_scale(static_cast<double*>(tb.ptrs[t]) + offset, count, coef); break;
+      case DType::kF16: segment_scale(static_cast<f16_t*>(tb.ptrs[t]) + offset, count, coef); break;
+      default: segment_scale(static_cast<bf16_t*>(tb.ptrs[t]) + offset, count, coef); break;
+    }
+  });
+}
+
+// ---- clamp: a vector is stored only when one of its lanes changes ----
+template <class T>
+__device__ bool segment_clamp(T* x, int64_t n, double bound) {
+  using C = typename ComputeOf<T>::type;
+  constexpr int64_t kPer = Vec<T>::kLanes;
+  const C hi = C(bound);  // exact: the host rounded the bound to T
+  const T hi_t = from_c(hi, T{}), lo_t = from_c(-hi, T{});
+  // Unchanged lanes keep their own bits (NaN payloads included).
+  auto clamp_one = [&](T& v) -> bool {
+    const C c = to_c(v);
+    if (c > hi) { v = hi_t; return true; }
+    if (c < -hi) { v = lo_t; return true; }
+    return false;
+  };
+  const SegmentSplit sp = split_segment(reinterpret_cast<uint64_t>(x), n, sizeof(T));
+  uint4* vectors = reinterpret_cast<uint4*>(x + sp.head);
+  bool changed = false;
+  walk_segment(
+      sp, kPer, threadIdx.x, kThreads,
+      [&](int64_t i) {
+        T v = x[i];
+        if (clamp_one(v)) {
+          x[i] = v;
+          changed = true;
+        }
+      },
+      [&](int64_t v) {
+        Vec<T> w;
+        w.raw = vectors[v];
+        bool any = false;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) any |= clamp_one(w.lane[k]);
+        if (any) {
+          vectors[v] = w.raw;
+          changed = true;
+        }
+      });
+  return changed;
+}
+
+__global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__ ClampParams prm) {
+  const Table& tb = prm.table;
+  bool changed = false;
+  for_each_block_segment(tb, [&](int t, int64_t offset, int64_t count, int dtype, int64_t) {
+    const double b = prm.bound[dtype];
+    switch (DType(dtype)) {
+      case DType::kF32: changed |= segment_clamp(static_cast<float*>(tb.ptrs[t]) + offset, count, b); break;
+      case DType::kF64: changed |= segment_clamp(static_cast<double*>(tb.ptrs[t]) + offset, count, b); break;
+      case DType::kF16: changed |= segment_clamp(static_cast<f16_t*>(tb.ptrs[t]) + offset, count, b); break;
+      default: changed |= segment_clamp(static_cast<bf16_t*>(tb.ptrs[t]) + offset, count, b); break;
+    }
+  });
+  const int any = __syncthreads_or(changed);
+  // Blocks at a table boundary run in two launches: launch_index keeps their flags apart.
+  if (prm.flags && threadIdx.x == 0) prm.flags[tb.first_block + blockIdx.x + tb.launch_index] = uint8_t(any);
+}
+
+// ---- host side ----
+Kind kind_of(NormOrder o) {
+  switch (o.kind) {
+    case NormOrder::kL1: return Kind::kL1;
+    case NormOrder::kL2: return Kind::kL2;
+    case NormOrder::kInf: return Kind::kInf;
+    default: return Kind::kP;
+  }
+}
+
+// Flat starts of all tensors (plus the end) in one pass.
+struct FlatPlan {
+  std::vector<uint64_t> tags;  // n + 1
+  int64_t elements = 0;
+  int64_t blocks = 0;    // blocks of the flat space
+  int64_t launches = 0;  // tables
+};
+
+FlatPlan plan_flat(const DeviceTensor* ts, int64_t n) {
+  FlatPlan fp;
+  fp.tags.resize(n + 1);
+  int64_t pos = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    fp.tags[t] = make_tag(pos, int(ts[t].dtype), ts[t].group);
+    pos += ts[t].numel;
+  }
+  fp.tags[n] = make_tag(pos, 0, 0);
+  fp.elements = pos;
+  fp.blocks = (pos + kChunk - 1) / kChunk;
+  fp.launches = launch_count(n);
+  return fp;
+}
+
+struct WorkspaceLayout {
+  int64_t tags, partials, tensor_sums, coefs, bytes;
+};
+
+int64_t align_up(int64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+
+bool job_norms(Job j) { return j == Job::kNorms || j == Job::kClipGlobal || j == Job::kClipPerTensor || j == Job::kNormalize; }
+
+WorkspaceLayout layout_of(int64_t n, int64_t elements, int32_t n_groups, Job job) {
+  WorkspaceLayout w{};
+  if (!job_norms(job)) return w;
+  int64_t at = 0;
+  w.tags = at;
+  at = align_up(at + (n + 1) * 8);
+  w.partials = at;
+  at = align_up(at + partial_slots(n, elements) * int64_t(sizeof(Partial)));
+  w.tensor_sums = at;
+  at = align_up(at + n * int64_t(sizeof(Partial)));
+  w.coefs = at;
+  at = align_up(at + (n > n_groups ? n : n_groups) * 8);
+  w.bytes = at;
+  return w;
+}
+
+int64_t workspace_bytes(const DeviceTensor* ts, int64_t n, const Request* r) {
+  int64_t elements = 0;
+  for (int64_t t = 0; t < n; ++t) elements += ts[t].numel;
+  return layout_of(n, elements, r->n_groups, r->job).bytes;
+}
+
+int64_t changed_flag_count(const DeviceTensor* ts, int64_t n) {
+  const FlatPlan fp = plan_flat(ts, n);
+  return fp.blocks + fp.launches + 1;
+}
+
+// Fills table j of the call and returns its grid size.
+unsigned fill_table(Table& tb, const DeviceTensor* ts, const FlatPlan& fp, int64_t j) {
+  const int64_t n = int64_t(fp.tags.size()) - 1;
+  const LaunchSlice sl = launch_slice(fp.tags.data(), n, j);
+  tb.n = int32_t(sl.count);
+  tb.first_tensor = int32_t(sl.first_tensor);
+  tb.launch_index = int32_t(j);
+  tb.first_block = sl.first_block;
+  for (int64_t i = 0; i < sl.count; ++i) tb.ptrs[i] = ts[sl.first_tensor + i].data;
+  std::memcpy(tb.tags, &fp.tags[sl.first_tensor], (sl.count + 1) * sizeof(uint64_t));
+  return unsigned(sl.blocks);
+}
+
+std::string& last_error() {
+  static thread_local std::string e;
+  return e;
+}
+
+const char* fail(const std::string& why) {
+  last_error() = why;
+  return last_error().c_str();
+}
+
+// Restores the caller's current device on every way out.
+struct DeviceGuard {
+  int previous = -1;
+  cudaError_t status = cudaSuccess;
+  explicit DeviceGuard(int device) {
+    status = cudaGetDevice(&previous);
+    if (status == cudaSuccess && previous != device) status = cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    if (previous >= 0) cudaSetDevice(previous);
+  }
+};
+
+template <Kind K>
+void launch_norm(const NormParams& prm, unsigned grid, cudaStream_t stream) {
+  norm_kernel<K><<<grid, kThreads, 0, stream>>>(prm);
+}
+
+const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
+  const FlatPlan fp = plan_flat(ts, n);
+  if (fp.elements > kMaxFlatElements) return fail("too many elements for one call (at most 2^48)");
+  if (r->n_groups < 1 || r->n_groups > kMaxParamGroups)
+    return fail("at most " + std::to_string(kMaxParamGroups) + " groups per call on CUDA, got " +
+                std::to_string(r->n_groups));
+  for (int64_t t = 0; t < n; ++t)
+    if (ts[t].group < 0 || ts[t].group >= r->n_groups) return fail("a tensor's group has no limit");
+  if (n > INT32_MAX - kMaxTensorsPerLaunch) return fail("too many tensors");
+
+  DeviceGuard guard(r->device);
+  if (guard.status != cudaSuccess) return fail(std::string("cannot select the device: ") + cudaGetErrorString(guard.status));
+  cudaStream_t stream = static_cast<cudaStream_t>(r->stream);
+  char* ws = static_cast<char*>(r->workspace);
+  const WorkspaceLayout wl = layout_of(n, fp.elements, r->n_groups, r->job);
+  auto* tags = reinterpret_cast<uint64_t*>(ws + wl.tags);
+  auto* partials = reinterpret_cast<Partial*>(ws + wl.partials);
+  auto* coefs = reinterpret_cast<double*>(ws + wl.coefs);
+
+  // Kernel parameter blocks are large; keep them off the stack.
+  thread_local std::vector<char> storage(sizeof(NormParams) > sizeof(ScaleParams) ? sizeof(NormParams) : sizeof(ScaleParams));
+  if (storage.size() < sizeof(ClampParams)) storage.resize(sizeof(ClampParams));
+
+  if (job_norms(r->job)) {
+    const Kind kind = kind_of(r->order);
+    auto* prm = new (storage.data()) NormParams;
+    prm->partials = partials;
+    prm->tags_out = tags;
+    prm->p = r->order.p;
+    for (int64_t j = 0; j < fp.launches; ++j) {
+      const unsigned grid = fill_table(prm->table, ts, fp, j);
+      switch (kind) {
+        case Kind::kL1: launch_norm<Kind::kL1>(*prm, grid, stream); break;
+        case Kind::kL2: launch_norm<Kind::kL2>(*prm, grid, stream); break;
+        case Kind::kInf: launch_norm<Kind::kInf>(*prm, grid, stream); break;
+        default: launch_norm<Kind::kP>(*prm, grid, stream); break;
+      }
+    }
+    FinalizeParams f{};
+    f.n = n;
+    f.n_groups = r->n_groups;
+    f.kind = kind;
+    f.job = r->job;
+    f.hold_nonfinite = r->hold_nonfinite;
+    f.p = r->order.p;
+    f.eps = r->eps;
+    f.tags = tags;
+    f.partials = partials;
+    f.tensor_sums = reinterpret_cast<Partial*>(ws + wl.tensor_sums);
+    f.coefs = coefs;
+    f.out = r->out;
+    if (r->job != Job::kNorms)
+      for (int g = 0; g < r->n_groups; ++g) f.limits[g] = r->limits[g];
+    finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(f);
+  }
+
+  if (r->job != Job::kNorms && r->job != Job::kClamp) {
+    auto* prm = new (storage.data()) ScaleParams;
+    prm->coefs = coefs;
+    prm->value = r->coef;
+    prm->norm = r->norm;
+    prm->norm_dtype = r->norm_dtype;
+    prm->max_norm = r->max_norm;
+    prm->eps = r->eps;
+    switch (r->job) {
+      case Job::kClipPerTensor: prm->source = CoefSource::kPerTensor; break;
+      case Job::kScale: prm->source = r->norm ? CoefSource::kFromNorm : CoefSource::kValue; break;
+      default: prm->source = CoefSource::kPerGroup; break;
+    }
+    if (!(r->job == Job::kScale && !r->norm && r->coef == 1.0))  // a known coefficient of 1: nothing to launch
+      for (int64_t j = 0; j < fp.launches; ++j) {
+        const unsigned grid = fill_table(prm->table, ts, fp, j);
+        scale_kernel<<<grid, kThreads, 0, stream>>>(*prm);
+      }
+  }
+
+  if (r->job == Job::kClamp) {
+    auto* prm = new (storage.data()) ClampParams;
+    for (int d = 0; d < kNumDTypes; ++d) prm->bound[d] = round_to_dtype(r->clamp_limit, DType(d));
+    prm->flags = r->out.changed_blocks;
+    for (int64_t j = 0; j < fp.launches; ++j) {
+      const unsigned grid = fill_table(prm->table, ts, fp, j);
+      clamp_kernel<<<grid, kThreads, 0, stream>>>(*prm);
+    }
+  }
+
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return fail(std::string("CUDA kernel launch failed: ") + cudaGetErrorName(err) + ": " +
+                                      cudaGetErrorString(err));
+  return nullptr;
+}
+
+}  // namespace
+
+const Api& api() {
+  static const Api table{kApiVersion, &workspace_bytes, &changed_flag_count, &launch, kMaxParamGroups};
+  return table;
+}
+
+}  // namespace gradclip::cuda

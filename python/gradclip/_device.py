@@ -1,0 +1,141 @@
+"""Device memory and streams for the CUDA backend, from the caller's framework.
+
+The native core never allocates device memory itself: it asks here, so that
+torch's caching allocator (or CuPy's pool) owns every byte, stream-ordered and
+CUDA-graph aware, and results come back as the caller's own tensor type.
+Nothing here synchronises with the device except :func:`to_host`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, Tuple
+
+import numpy as np
+
+_LEGACY_DEFAULT_STREAM = 1  # cudaStreamLegacy: what a DLPack producer syncs to when given no stream
+
+
+def _torch_of(obj: Any):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return torch
+    return None
+
+
+def _cupy_of(obj: Any):
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(obj, cupy.ndarray):
+        return cupy
+    return None
+
+
+def allocate(like: Any, out_bytes: int, workspace_bytes: int) -> Tuple[Any, int, Any, int, int]:
+    """Two uninitialised byte buffers on ``like``'s device and the stream to
+    launch on: ``(out, out_ptr, workspace, workspace_ptr, stream)``."""
+    torch = _torch_of(like)
+    if torch is not None:
+        device = like.device
+        out = torch.empty(out_bytes, dtype=torch.uint8, device=device) if out_bytes else None
+        ws = torch.empty(workspace_bytes, dtype=torch.uint8, device=device) if workspace_bytes else None
+        stream = torch.cuda.current_stream(device).cuda_stream
+        return out, _ptr(out), ws, _ptr(ws), stream
+    cupy = _cupy_of(like)
+    stream = None
+    if cupy is None:
+        # Another DLPack producer: it synchronised its work with the legacy
+        # default stream when it exported (no stream was named), so launch there.
+        cupy = _import_cupy()
+        stream = _LEGACY_DEFAULT_STREAM
+    with cupy.cuda.Device(_device_id(like)):
+        out = cupy.empty(out_bytes, dtype=cupy.uint8) if out_bytes else None
+        ws = cupy.empty(workspace_bytes, dtype=cupy.uint8) if workspace_bytes else None
+        if stream is None:
+            stream = cupy.cuda.get_current_stream().ptr
+    return out, _ptr(out), ws, _ptr(ws), stream
+
+
+def _ptr(buf: Any) -> int:
+    if buf is None:
+        return 0
+    if hasattr(buf, "data_ptr"):
+        return int(buf.data_ptr())
+    return int(buf.data.ptr)
+
+
+def _device_id(obj: Any) -> int:
+    dev = obj.__dlpack_device__()
+    return int(dev[1])
+
+
+def _import_cupy():
+    try:
+        import cupy  # type: ignore[import-not-found]
+    except ImportError:
+        raise ValueError(
+            "these arrays are on a CUDA device but are neither torch tensors nor CuPy arrays; gradclip needs torch "
+            "or CuPy installed to allocate device memory for the results"
+        ) from None
+    return cupy
+
+
+def _float_dtypes(buf: Any):
+    torch = _torch_of(buf)
+    if torch is not None:
+        return torch.float32, torch.float64
+    return np.float32, np.float64
+
+
+def _view(info: Dict[str, Any], key: str, count: int) -> Any:
+    buf = info["device_out"]
+    f32, f64 = _float_dtypes(buf)
+    es = 8 if info["out_f64"] else 4
+    offset = info[key]
+    return buf[offset : offset + es * count].view(f64 if info["out_f64"] else f32)
+
+
+def total(info: Dict[str, Any]) -> Any:
+    """The total norm: a 0-d array on the device (a view of the output buffer)."""
+    return _view(info, "total_offset", 1)[0]
+
+
+def per_tensor(info: Dict[str, Any]) -> Any:
+    """Per-entry norms on the device, in list order."""
+    norms = _view(info, "tensor_offset", span_count(info))
+    entry_spans = info.get("entry_spans")
+    if entry_spans is not None:  # a tensor listed twice: one span, two entries
+        torch = _torch_of(norms)
+        index = torch.as_tensor(entry_spans, device=norms.device) if torch else _cupy_of(norms).asarray(entry_spans)
+        norms = norms[index]
+    return norms
+
+
+def changed(info: Dict[str, Any]) -> Any:
+    """Whether a clamp changed anything: a 0-d bool array on the device."""
+    buf = info["device_out"]
+    offset = info["flags_offset"]
+    return buf[offset : offset + info["flag_count"]].any()
+
+
+def any_flag(info: Dict[str, Any]) -> bool:
+    """:func:`changed`, read on the host (waits for the device)."""
+    return bool(changed(info))
+
+
+def to_host(buf: Any) -> np.ndarray:
+    """The buffer's bytes in host memory (waits for the device)."""
+    if _torch_of(buf) is not None:
+        return buf.cpu().numpy()
+    return buf.get()
+
+
+def is_device_result(info: Dict[str, Any]) -> bool:
+    return "device_out" in info
+
+
+def span_count(info: Dict[str, Any]) -> int:
+    """Number of unique tensors (entries minus repeats)."""
+    entry_spans = info.get("entry_spans")
+    if entry_spans is None:
+        return int(info["count"])
+    return max(entry_spans) + 1 if entry_spans else 0
