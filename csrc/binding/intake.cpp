@@ -318,7 +318,7 @@ void Intake::check_device(int32_t dev, PyObject* obj, int32_t list_index, const 
     return;
   }
   if (dev != device)
-    throw py::value_error(item_label(options, list_index) + ": is on " + device_text(dev) + " but " +
+    throw MixedDevices(item_label(options, list_index) + ": is on " + device_text(dev) + " but " +
                           item_label(options, device_item_) + " is on " + device_text(device) +
                           "; one call takes tensors on one device (call once per device)");
 }

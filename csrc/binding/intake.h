@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,13 @@
 namespace gradclip::binding {
 
 enum class Access { kRead, kWrite };
+
+// Raised (as gradclip._core.MixedDevicesError, a ValueError) when one call
+// holds tensors on two devices: the torch drop-ins catch it and fall back to
+// torch's per-device scheme.
+struct MixedDevices : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
 
 struct IntakeOptions {
   const char* argname;  // used in error messages: "<argname>[<i>]"

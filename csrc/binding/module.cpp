@@ -488,6 +488,7 @@ py::dict scale_by_norm(py::handle seq, double max_norm, py::handle total_norm, d
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "gradclip's native core (CPU kernels and tensor intake). Use the gradclip package API instead.";
+  py::register_exception<binding::MixedDevices>(m, "MixedDevicesError", PyExc_ValueError);
 
   m.def("norms", &norms, py::arg("seq"), py::arg("p"), py::arg("argname"), py::arg("grad_attr"),
         py::arg("per_tensor"));

@@ -12,9 +12,10 @@ Deliberate differences (see README, "Differences from torch"):
 
 from __future__ import annotations
 
+import math
 import types
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
 
 from . import _core
 from ._inputs import (
@@ -88,10 +89,52 @@ def clip_grad_norm_(
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     p = norm_order(norm_type, "norm_type")
     limit = nonnegative(max_norm, "max_norm")
-    info = _core.clip_norm(params, limit, p, _EPS, "global", "parameters", True, False, bool(error_if_nonfinite))
+    try:
+        info = _core.clip_norm(params, limit, p, _EPS, "global", "parameters", True, False, bool(error_if_nonfinite))
+    except _core.MixedDevicesError:
+        return _clip_across_devices(params, limit, p, bool(error_if_nonfinite))
     if error_if_nonfinite and not total_is_finite(info):
         raise nonfinite_error(p)
     return _total_as_tensor(params, info, of_grads=True)
+
+
+def _by_device(items, of_grads: bool) -> List[List[Any]]:
+    """The items grouped by their gradient's (or their own) device, first device first."""
+    groups: Dict[Any, List[Any]] = {}
+    for item in items:
+        t = item.grad if of_grads else item
+        if t is not None:
+            groups.setdefault(t.device, []).append(item)
+    return list(groups.values())
+
+
+def _total_across_devices(groups: List[List[Any]], p: float, of_grads: bool) -> "torch.Tensor":
+    """torch's scheme for several devices: each device's norm, moved to the first
+    device and combined there. For gradients each group is validated for writing
+    (a limit of inf writes nothing), so no gradient changes before all are checked."""
+    import torch
+
+    norms = []
+    for group in groups:
+        if of_grads:
+            info = _core.clip_norm(group, math.inf, p, _EPS, "global", "parameters", True, False, True)
+        else:
+            info = _core.norms(group, p, "tensors", False, False)
+        norms.append(_total_as_tensor(group, info, of_grads))
+    first = norms[0].device
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([n.to(first, dtype) for n in norms]), p)
+
+
+def _clip_across_devices(params, limit: float, p: float, error_if_nonfinite: bool) -> "torch.Tensor":
+    groups = _by_device(params, of_grads=True)
+    total = _total_across_devices(groups, p, of_grads=True)
+    if error_if_nonfinite and not math.isfinite(float(total)):
+        raise nonfinite_error(p)
+    for group in groups:
+        device = group[0].grad.device
+        _core.scale_by_norm(group, limit, total.to(device), _EPS, "parameters", True)
+    return total
 
 
 def get_total_norm(
@@ -108,7 +151,13 @@ def get_total_norm(
     del foreach
     items = as_list(tensors)
     p = norm_order(norm_type, "norm_type")
-    info = _core.norms(items, p, "tensors", False, False)
+    try:
+        info = _core.norms(items, p, "tensors", False, False)
+    except _core.MixedDevicesError:
+        total = _total_across_devices(_by_device(items, of_grads=False), p, of_grads=False)
+        if error_if_nonfinite and not math.isfinite(float(total)):
+            raise nonfinite_error(p)
+        return total
     if error_if_nonfinite and not total_is_finite(info):
         raise nonfinite_error(p)
     return _total_as_tensor(items, info, of_grads=False)

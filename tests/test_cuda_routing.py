@@ -1,0 +1,92 @@
+"""CUDA routing checked without a GPU: a hand-made DLPack producer that claims
+its memory is on cuda:0 (its pointer is never dereferenced on the host). The
+intake must accept it, refuse to mix it with host memory (naming both items),
+and reach the CUDA bridge, which fails with a clear error on this machine
+before anything is launched or written."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import gradclip
+from gradclip import _core
+
+KDL_CUDA = 2
+KDL_FLOAT = 2
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device_type", ctypes.c_int32),
+        ("device_id", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("code", ctypes.c_uint8),
+        ("bits", ctypes.c_uint8),
+        ("lanes", ctypes.c_uint16),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _ManagedVersioned(ctypes.Structure):
+    _fields_ = [
+        ("major", ctypes.c_uint32),
+        ("minor", ctypes.c_uint32),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", _DLTensor),
+    ]
+
+
+_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
+_PyCapsule_New.restype = ctypes.py_object
+_PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+class FakeCudaArray:
+    """float32[n] 'on cuda:device' at a fake, aligned address."""
+
+    def __init__(self, n: int, device: int = 0, address: int = 0x7F0000000000):
+        self._shape = (ctypes.c_int64 * 1)(n)
+        self._managed = _ManagedVersioned(1, 0, None, None, 0)
+        t = self._managed.dl_tensor
+        t.data, t.device_type, t.device_id, t.ndim = address, KDL_CUDA, device, 1
+        t.code, t.bits, t.lanes = KDL_FLOAT, 32, 1
+        t.shape, t.strides, t.byte_offset = self._shape, None, 0
+        self._device = device
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        return _PyCapsule_New(ctypes.addressof(self._managed), b"dltensor_versioned", None)
+
+    def __dlpack_device__(self):
+        return (KDL_CUDA, self._device)
+
+
+def test_cuda_memory_is_not_mixed_with_host_memory():
+    host = np.ones(4, dtype=np.float32)
+    before = host.copy()
+    with pytest.raises(ValueError, match=r"arrays\[1\]: is on cuda:0 but arrays\[0\] is on the CPU; one call"):
+        gradclip.clip_by_global_norm_([host, FakeCudaArray(8)], 0.1)
+    np.testing.assert_array_equal(host, before)
+
+
+def test_two_cuda_devices_are_not_mixed():
+    with pytest.raises(ValueError, match=r"arrays\[2\]: is on cuda:1 but arrays\[0\] is on cuda:0"):
+        gradclip.global_norm([FakeCudaArray(8), FakeCudaArray(8, address=0x7F0000001000), FakeCudaArray(8, 1)])
+
+
+@pytest.mark.skipif(gradclip.build_info()["cuda_compiled"] is False, reason="built without the CUDA module")
+def test_cuda_input_reaches_the_bridge_and_fails_cleanly_without_a_gpu():
+    pytest.importorskip("torch")
+    if gradclip.build_info()["cuda_available"]:
+        pytest.skip("a GPU is present; tests/test_cuda.py covers the real path")
+    # Neither torch nor CuPy owns this array, so the bridge needs CuPy for device memory:
+    # absent here, it must say so. With CuPy but no GPU the launch fails instead.
+    with pytest.raises((ValueError, RuntimeError), match=r"torch or CuPy|gradclip CUDA"):
+        _core.norms([FakeCudaArray(1000)], 2.0, "arrays", False, False)
