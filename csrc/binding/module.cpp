@@ -461,10 +461,7 @@ py::dict scale_by_norm(py::handle seq, double max_norm, py::handle total_norm, d
   Intake norm(one.ptr(), {"total_norm", false, Access::kRead});
   if (norm.spans.size() != 1 || norm.spans[0].numel != 1)
     throw py::value_error("total_norm: expected one number (a 0-d or 1-element tensor)");
-  if (in.on_cuda()) {
-    if (norm.device != in.device)
-      throw py::value_error(std::string("total_norm: must be on the gradients' device (cuda:") +
-                            std::to_string(in.device) + ")");
+  if (in.on_cuda() && norm.device == in.device) {
     py::dict d = describe(in);
     CudaJob job;
     job.request.job = cuda::Job::kScale;
@@ -474,9 +471,19 @@ py::dict scale_by_norm(py::handle seq, double max_norm, py::handle total_norm, d
     binding::run_on_cuda(in, job, d);
     return d;
   }
-  if (norm.on_cuda()) throw py::value_error("total_norm: is on a CUDA device but the gradients are on the CPU");
+  if (norm.on_cuda())
+    throw py::value_error("total_norm: is on cuda:" + std::to_string(norm.device) +
+                          ", not on the gradients' device; move it there first (.to(device))");
   const double total = load_as_double(norm.spans[0].data, 0, norm.spans[0].dtype);
   const double coef = clip_coefficient(max_norm, total, eps);
+  if (in.on_cuda()) {  // a norm in host memory: the coefficient is known here
+    py::dict d = describe(in);
+    CudaJob job;
+    job.request.job = cuda::Job::kScale;
+    job.request.coef = coef;
+    binding::run_on_cuda(in, job, d);
+    return d;
+  }
   {
     py::gil_scoped_release nogil;
     cpu::scale(in.spans, std::vector<double>(in.spans.size(), coef));

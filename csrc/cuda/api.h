@@ -37,7 +37,7 @@ struct Outputs {
   void* per_group = nullptr;   // n_groups values
   void* per_tensor = nullptr;  // one value per tensor, in the order given
   bool out_f64 = false;
-  uint8_t* changed_blocks = nullptr;  // kClamp: one flag per block (see changed_flag_count)
+  uint8_t* changed_blocks = nullptr;  // kClamp: one flag per block of every launch (changed_flag_count), all written
 };
 
 struct Request {

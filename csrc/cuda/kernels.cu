@@ -37,8 +37,7 @@ struct Table {
   int64_t first_block;   // global number of this launch's block 0
   int32_t n;             // tensors in this launch
   int32_t first_tensor;  // global number of its tensor 0
-  int32_t launch_index;  // which table of the call (0, 1, ...)
-  int32_t unused;
+  int64_t flag_base;     // clamp: flags of this launch's blocks start here
   void* ptrs[kMaxTensorsPerLaunch];
   uint64_t tags[kMaxTensorsPerLaunch + 1];  // tags[n]: the end of the last tensor
 };
@@ -415,8 +414,9 @@ __global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__
     }
   });
   const int any = __syncthreads_or(changed);
-  // Blocks at a table boundary run in two launches: launch_index keeps their flags apart.
-  if (prm.flags && threadIdx.x == 0) prm.flags[tb.first_block + blockIdx.x + tb.launch_index] = uint8_t(any);
+  // One flag per block of every launch, numbered without gaps (a block at a
+  // table boundary runs in two launches and gets two flags).
+  if (prm.flags && threadIdx.x == 0) prm.flags[tb.flag_base + blockIdx.x] = uint8_t(any);
 }
 
 // ---- host side ----
@@ -433,7 +433,6 @@ Kind kind_of(NormOrder o) {
 struct FlatPlan {
   std::vector<uint64_t> tags;  // n + 1
   int64_t elements = 0;
-  int64_t blocks = 0;    // blocks of the flat space
   int64_t launches = 0;  // tables
 };
 
@@ -447,7 +446,6 @@ FlatPlan plan_flat(const DeviceTensor* ts, int64_t n) {
   }
   fp.tags[n] = make_tag(pos, 0, 0);
   fp.elements = pos;
-  fp.blocks = (pos + kChunk - 1) / kChunk;
   fp.launches = launch_count(n);
   return fp;
 }
@@ -484,7 +482,9 @@ int64_t workspace_bytes(const DeviceTensor* ts, int64_t n, const Request* r) {
 
 int64_t changed_flag_count(const DeviceTensor* ts, int64_t n) {
   const FlatPlan fp = plan_flat(ts, n);
-  return fp.blocks + fp.launches + 1;
+  int64_t flags = 0;
+  for (int64_t j = 0; j < fp.launches; ++j) flags += launch_slice(fp.tags.data(), n, j).blocks;
+  return flags;
 }
 
 // Fills table j of the call and returns its grid size.
@@ -493,8 +493,9 @@ unsigned fill_table(Table& tb, const DeviceTensor* ts, const FlatPlan& fp, int64
   const LaunchSlice sl = launch_slice(fp.tags.data(), n, j);
   tb.n = int32_t(sl.count);
   tb.first_tensor = int32_t(sl.first_tensor);
-  tb.launch_index = int32_t(j);
   tb.first_block = sl.first_block;
+  tb.flag_base = 0;
+  for (int64_t i = 0; i < j; ++i) tb.flag_base += launch_slice(fp.tags.data(), n, i).blocks;
   for (int64_t i = 0; i < sl.count; ++i) tb.ptrs[i] = ts[sl.first_tensor + i].data;
   std::memcpy(tb.tags, &fp.tags[sl.first_tensor], (sl.count + 1) * sizeof(uint64_t));
   return unsigned(sl.blocks);
