@@ -86,7 +86,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", action="append", metavar="D[,D]", help="fp32, bf16, fp16 (default: all three)")
     p.add_argument("--workload", action="append", metavar="W[,W]",
-                   help=f"default: all ({', '.join(_workloads.WORKLOADS)})")
+                   help=f"default: all ({', '.join(_workloads.WORKLOADS)}), except llama-1b on the CPU")
     p.add_argument("--mode", action="append", metavar="M[,M]", help=f"default: all ({', '.join(MODES)})")
     p.add_argument("--contender", action="append", metavar="C[,C]",
                    help=f"default: all ({', '.join(CONTENDERS)}); gradclip is always included")
@@ -139,7 +139,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     try:
         dtypes = tuple(dtype_name(d) for d in _csv_list(args.dtype)) or (("fp32", "bf16") if quick else
                                                                            ("fp32", "bf16", "fp16"))
-        wls = tuple(_csv_list(args.workload)) or (_workloads.QUICK_WORKLOADS if quick else tuple(_workloads.WORKLOADS))
+        default_wls = _workloads.CUDA_DEFAULT_WORKLOADS if args.device == "cuda" else _workloads.CPU_DEFAULT_WORKLOADS
+        wls = tuple(_csv_list(args.workload)) or (_workloads.QUICK_WORKLOADS if quick else default_wls)
         for w in wls:
             _workloads.get(w)
         modes = tuple(_csv_list(args.mode)) or MODES

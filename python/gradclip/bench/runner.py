@@ -49,7 +49,7 @@ def dtype_name(text: str) -> str:
 @dataclass
 class Config:
     device: str = "cpu"
-    workloads: Tuple[str, ...] = tuple(_workloads.WORKLOADS)
+    workloads: Tuple[str, ...] = _workloads.CPU_DEFAULT_WORKLOADS
     dtypes: Tuple[str, ...] = ("fp32", "bf16", "fp16")
     modes: Tuple[str, ...] = MODES
     contenders: Tuple[str, ...] = CONTENDERS

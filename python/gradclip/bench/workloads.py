@@ -94,6 +94,16 @@ def lstm_lm_shapes(vocab: int = 33278, d: int = 650, n_layer: int = 2) -> List[S
     return shapes
 
 
+def llama_shapes(vocab: int, d: int, n_layer: int, kv_dim: int, ffn: int) -> List[Shape]:
+    """A Llama-style decoder with tied embeddings: per layer q/k/v/o, the gated
+    MLP and two RMSNorm weights, then the final norm."""
+    shapes: List[Shape] = [(vocab, d)]
+    for _ in range(n_layer):
+        shapes += [(d, d), (kv_dim, d), (kv_dim, d), (d, d), (ffn, d), (ffn, d), (d, ffn), (d,), (d,)]
+    shapes.append((d,))
+    return shapes
+
+
 def _build() -> Dict[str, Workload]:
     makers: Sequence[Tuple[str, str, Callable[[], List[Shape]]]] = (
         ("gpt2-small", "GPT-2 small (124M): vocab 50257, 1024 positions, d 768, 12 layers",
@@ -110,6 +120,9 @@ def _build() -> Dict[str, Workload]:
          lambda: [(1024,)] * 2000),
         ("single-64m", "one 8192x8192 tensor (64Mi elements)",
          lambda: [(8192, 8192)]),
+        ("llama-1b", "Llama-3.2-1B-shaped (1.24B): vocab 128256, d 2048, 16 layers, 8 KV heads, FFN 8192; "
+         "GPU only unless named",
+         lambda: llama_shapes(128256, 2048, 16, 512, 8192)),
     )
     return {name: Workload(name, desc, tuple(make())) for name, desc, make in makers}
 
@@ -126,11 +139,16 @@ _EXPECTED_ELEMENTS = {
     "transformer-64m": 67_347_456,
     "tiny-2000": 2_048_000,
     "single-64m": 67_108_864,
+    "llama-1b": 1_235_814_400,  # Llama 3.2 1B as published by Meta
 }
 for _name, _count in _EXPECTED_ELEMENTS.items():
     assert WORKLOADS[_name].elements == _count, (_name, WORKLOADS[_name].elements)
 
 QUICK_WORKLOADS = ("tiny-2000", "transformer-64m")
+# Run when no workload is named: all but the billion-parameter set, which is
+# for GPUs (on a CPU it needs ~5 GB per copy in fp32 and minutes per case).
+CPU_DEFAULT_WORKLOADS = tuple(name for name in WORKLOADS if name != "llama-1b")
+CUDA_DEFAULT_WORKLOADS = tuple(WORKLOADS)
 
 
 def get(name: str) -> Workload:
