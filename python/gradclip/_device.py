@@ -9,7 +9,7 @@ Nothing here synchronises with the device except :func:`to_host`.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -103,11 +103,27 @@ def per_tensor(info: Dict[str, Any]) -> Any:
     """Per-entry norms on the device, in list order."""
     norms = _view(info, "tensor_offset", span_count(info))
     entry_spans = info.get("entry_spans")
-    if entry_spans is not None:  # a tensor listed twice: one span, two entries
-        torch = _torch_of(norms)
-        index = torch.as_tensor(entry_spans, device=norms.device) if torch else _cupy_of(norms).asarray(entry_spans)
-        norms = norms[index]
-    return norms
+    if entry_spans is None:
+        return norms
+    # A tensor listed twice has one span and two entries. The entries are
+    # gathered as a concatenation of slices (runs of consecutive spans), not by
+    # an index array: that would be a host-to-device copy, which synchronises
+    # and cannot be captured in a CUDA graph.
+    pieces = [norms[start:stop] for start, stop in _runs(entry_spans)]
+    torch = _torch_of(norms)
+    return torch.cat(pieces) if torch is not None else _cupy_of(norms).concatenate(pieces)
+
+
+def _runs(indices: List[int]) -> List[Tuple[int, int]]:
+    """``indices`` as half-open ranges of consecutive values, in order:
+    [0, 1, 2, 0, 3] -> [(0, 3), (0, 1), (3, 4)]."""
+    runs: List[Tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def changed(info: Dict[str, Any]) -> Any:
