@@ -56,6 +56,7 @@ Tolerances
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from typing import Callable, Dict, List, Sequence
 
@@ -1156,6 +1157,46 @@ def test_drop_in_norm_across_cpu_and_cuda_follows_torch():
     assert got.device == grads[0].device
     assert_close_to_torch_norm(float(got), float(torch.nn.utils.get_total_norm(grads)), 2.0, torch.float32,
                                "get_total_norm")
+
+
+def test_drop_in_value_clip_and_given_norm_across_cpu_and_cuda_follow_torch():
+    # torch's clip_grad_value_ and clip_grads_with_norm_ work on each device's
+    # gradients where they lie; a parameter without a gradient is skipped.
+    grads = [make_torch(1000, torch.float32, 17).to(DEV), make_torch(500, torch.bfloat16, 18),
+             make_torch(CHUNK + 1, torch.float32, 19).to(DEV)]
+    ours, theirs = [make_param(x.clone()) for x in grads], [make_param(x.clone()) for x in grads]
+    ours.append(torch.nn.Parameter(torch.ones(3)))
+    theirs.append(torch.nn.Parameter(torch.ones(3)))
+    gradclip.clip_grad_value_(ours, 0.3)
+    torch.nn.utils.clip_grad_value_(theirs, 0.3)
+    for i, (a, b) in enumerate(zip(ours[:3], theirs[:3])):
+        assert a.grad.device == b.grad.device
+        assert_same_or_both_nan(host(a.grad), host(b.grad), f"clip_grad_value_ across devices, tensor {i}")
+    for total in (torch.tensor(40.0, device=DEV), torch.tensor(40.0), 40.0):
+        ours, theirs = [make_param(x.clone()) for x in grads], [make_param(x.clone()) for x in grads]
+        gradclip.clip_grads_with_norm_(ours, 1.0, total)
+        torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, torch.as_tensor(total))
+        for a, b in zip(ours, theirs):
+            assert a.grad.device == b.grad.device
+            assert_close_to_torch([a.grad], [b.grad], f"clip_grads_with_norm_ across devices ({total!r})")
+
+
+def test_error_across_devices_names_the_callers_index_and_writes_nothing():
+    good_cuda = make_torch(1000, torch.float32, 21).to(DEV)
+    good_cpu = make_torch(100, torch.float32, 22) * 10.0
+    bad = torch.ones(8, dtype=torch.int32)  # on the CPU, after a CUDA and a CPU gradient
+    params = [make_param(good_cuda), make_param(good_cpu), make_param(bad.float())]
+    params[2].grad = None
+    holder = types.SimpleNamespace(grad=bad)  # torch would fail on it too; we must name index 3
+    before = [host(good_cuda), host(good_cpu)]
+    for call in (lambda ps: gradclip.clip_grad_value_(ps, 0.01),
+                 lambda ps: gradclip.clip_grad_norm_(ps, 0.01),
+                 lambda ps: gradclip.clip_grads_with_norm_(ps, 0.01, 100.0)):
+        with pytest.raises(TypeError, match=r"parameters\[3\]\.grad: int32 data cannot"):
+            call(params + [holder])
+        torch.cuda.synchronize()
+        assert_bitwise_equal(host(good_cuda), before[0], "cuda gradient after the error")
+        assert_bitwise_equal(host(good_cpu), before[1], "cpu gradient after the error")
 
 
 # --------------------------------------------------------------------------

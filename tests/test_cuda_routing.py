@@ -67,6 +67,10 @@ class FakeCudaArray:
     def __dlpack_device__(self):
         return (KDL_CUDA, self._device)
 
+    @property
+    def device(self):  # what the drop-ins group by (a torch.device for real tensors)
+        return ("cuda", self._device)
+
 
 def test_cuda_memory_is_not_mixed_with_host_memory():
     host = np.ones(4, dtype=np.float32)
@@ -112,3 +116,24 @@ def test_per_tensor_norms_of_repeated_entries_follow_the_list(entry_spans):
             "entry_spans": entry_spans}
     got = _device.per_tensor(info)
     assert got.tolist() == [values[s].item() for s in entry_spans]
+
+
+@pytest.mark.parametrize("fn", ["clip_grad_value_", "clip_grad_norm_", "clip_grads_with_norm_"])
+def test_drop_ins_across_devices_name_the_callers_index_and_write_nothing(fn):
+    # A list over two devices goes through the per-device fallback; an error in
+    # a later group must still name the index in the caller's list, and come
+    # before any gradient is written.
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    cpu_grad = torch.full((64,), 5.0)
+    params = [SimpleNamespace(grad=cpu_grad), SimpleNamespace(grad=FakeCudaArray(8)), SimpleNamespace(grad=None),
+              SimpleNamespace(grad=torch.ones(4, dtype=torch.int32))]
+    call = {
+        "clip_grad_value_": lambda: gradclip.clip_grad_value_(params, 0.5),
+        "clip_grad_norm_": lambda: gradclip.clip_grad_norm_(params, 0.5),
+        "clip_grads_with_norm_": lambda: gradclip.clip_grads_with_norm_(params, 0.5, 100.0),
+    }[fn]
+    with pytest.raises(TypeError, match=r"parameters\[3\]\.grad: int32 data cannot"):
+        call()
+    assert bool((cpu_grad == 5.0).all())

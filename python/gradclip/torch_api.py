@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import types
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from . import _core
 from ._inputs import (
@@ -98,14 +98,42 @@ def clip_grad_norm_(
     return _total_as_tensor(params, info, of_grads=True)
 
 
-def _by_device(items, of_grads: bool) -> List[List[Any]]:
-    """The items grouped by their gradient's (or their own) device, first device first."""
+def _by_device(tensors) -> List[List[Any]]:
+    """The tensors grouped by device, first device first."""
     groups: Dict[Any, List[Any]] = {}
-    for item in items:
-        t = item.grad if of_grads else item
-        if t is not None:
-            groups.setdefault(t.device, []).append(item)
+    for t in tensors:  # something without a device (None, a list) is refused in its group
+        groups.setdefault(getattr(t, "device", None), []).append(t)
     return list(groups.values())
+
+
+def _grads_by_device(params) -> List[Tuple[Any, List[Any]]]:
+    """(device, group) per gradient device, first device first. Each group is as
+    long as ``params``: the other devices' parameters are replaced by a stand-in
+    without a gradient (skipped, like any parameter without one), so an error
+    still names the caller's list index. An item without a ``.grad`` attribute
+    stays in every group, to be refused there."""
+    devices: List[Any] = []
+    for item in params:
+        g = getattr(item, "grad", None)
+        if g is not None and g.device not in devices:
+            devices.append(g.device)
+
+    def on(item: Any, device: Any) -> bool:
+        if not hasattr(item, "grad"):
+            return True
+        return item.grad is not None and item.grad.device == device
+
+    return [(d, [item if on(item, d) else _NO_GRAD for item in params]) for d in devices]
+
+
+_NO_GRAD = types.SimpleNamespace(grad=None)
+
+
+def _validate_for_writing(groups) -> None:
+    """Checks every device group's gradients as writable (a coefficient of 1
+    writes nothing), so that no gradient changes before all of them are checked."""
+    for _, group in groups:
+        _core.scale(group, 1.0, "parameters", True)
 
 
 def _total_across_devices(groups: List[List[Any]], p: float, of_grads: bool) -> "torch.Tensor":
@@ -127,14 +155,28 @@ def _total_across_devices(groups: List[List[Any]], p: float, of_grads: bool) -> 
 
 
 def _clip_across_devices(params, limit: float, p: float, error_if_nonfinite: bool) -> "torch.Tensor":
-    groups = _by_device(params, of_grads=True)
-    total = _total_across_devices(groups, p, of_grads=True)
+    groups = _grads_by_device(params)
+    total = _total_across_devices([group for _, group in groups], p, of_grads=True)
     if error_if_nonfinite and not math.isfinite(float(total)):
         raise nonfinite_error(p)
-    for group in groups:
-        device = group[0].grad.device
-        _core.scale_by_norm(group, limit, total.to(device), _EPS, "parameters", True)
+    _scale_across_devices(groups, limit, total)
     return total
+
+
+def _scale_by_norm(params, limit: float, total: Any) -> None:
+    """Scale by the clip coefficient of ``total``: a float, or a 0-d tensor read
+    where it lies (on CUDA the coefficient is computed on the device)."""
+    if is_array_like(total):
+        _core.scale_by_norm(params, limit, total, _EPS, "parameters", True)
+    else:
+        _core.scale(params, _core.clip_coefficient(limit, float(total), _EPS), "parameters", True)
+
+
+def _scale_across_devices(groups, limit: float, total: Any) -> None:
+    """Each device's gradients scaled by the coefficient of ``total``, which
+    (when a tensor) is copied to each device, as torch does."""
+    for device, group in groups:
+        _scale_by_norm(group, limit, total.to(device) if is_array_like(total) else total)
 
 
 def get_total_norm(
@@ -154,7 +196,7 @@ def get_total_norm(
     try:
         info = _core.norms(items, p, "tensors", False, False)
     except _core.MixedDevicesError:
-        total = _total_across_devices(_by_device(items, of_grads=False), p, of_grads=False)
+        total = _total_across_devices(_by_device(items), p, of_grads=False)
         if error_if_nonfinite and not math.isfinite(float(total)):
             raise nonfinite_error(p)
         return total
@@ -175,11 +217,12 @@ def clip_grads_with_norm_(
     del foreach
     params = as_list(parameters)
     limit = nonnegative(max_norm, "max_norm")
-    if is_array_like(total_norm):
-        # Read where it lies: on CUDA the coefficient is computed on the device.
-        _core.scale_by_norm(params, limit, total_norm, _EPS, "parameters", True)
-    else:
-        _core.scale(params, _core.clip_coefficient(limit, float(total_norm), _EPS), "parameters", True)
+    try:
+        _scale_by_norm(params, limit, total_norm)
+    except _core.MixedDevicesError:
+        groups = _grads_by_device(params)
+        _validate_for_writing(groups)
+        _scale_across_devices(groups, limit, total_norm)
 
 
 def clip_grad_value_(
@@ -195,4 +238,10 @@ def clip_grad_value_(
     del foreach
     params = as_list(parameters)
     v = nonnegative(clip_value, "clip_value")
-    _core.clamp(params, v, "parameters", True, False)
+    try:
+        _core.clamp(params, v, "parameters", True, False)
+    except _core.MixedDevicesError:  # torch clamps each device's gradients on that device
+        groups = _grads_by_device(params)
+        _validate_for_writing(groups)
+        for _, group in groups:
+            _core.clamp(group, v, "parameters", True, False)
