@@ -824,6 +824,23 @@ def test_error_if_nonfinite(fn, dtype, bad):
         g.assert_guards()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_error_if_nonfinite_on_a_total_beyond_float32(dtype):
+    # The device's float64 total is finite, the stored float32 total is inf: the
+    # finalize must hold the gradients (found in review: it scaled, then raised).
+    grads = [torch.full((2,), 3e38, dtype=dtype, device=DEV), torch.ones(CHUNK + 1, dtype=dtype, device=DEV)]
+    before = [host(x) for x in grads]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gradclip.clip_grad_norm_([make_param(x) for x in grads], 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gradclip.clip_by_global_norm_(grads, 1.0, error_if_nonfinite=True)
+    torch.cuda.synchronize()
+    for x, b in zip(grads, before):
+        assert_bitwise_equal(host(x), b, "gradient after the error")
+    total = gradclip.clip_grad_norm_([make_param(x) for x in grads], 1.0)
+    assert float(total) == INF and 0 < float(grads[0][0]) < 1.0
+
+
 # --------------------------------------------------------------------------
 # Overflow safety
 # --------------------------------------------------------------------------

@@ -106,6 +106,24 @@ def test_emulated_rescue_float64_overflow_and_underflow():
     assert math.isclose(r["total"], r["norms"][0], rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("p", [2.0, 3.5], ids=["L2", "L3.5"])
+def test_emulated_partials_that_overflow_only_when_added(p):
+    # Each block's power sum is finite (just under float64's max for L2); their
+    # sum is not, but the norm is. Found in review: the plain partials were added
+    # unchecked and gave inf, where the CPU gives the finite norm.
+    x = 1.3e154 if p == 2.0 else 1e88
+    separate = [torch.tensor([x], dtype=torch.float64) for _ in range(3)]
+    one = torch.zeros(2 * CHUNK + 1, dtype=torch.float64)
+    one[0] = one[CHUNK] = one[2 * CHUNK] = x  # three blocks of one tensor
+    expected = x * 3.0 ** (1.0 / p)
+    for tensors in (separate, [one]):
+        r = _core._cuda_plan_norms(tensors, p)
+        assert math.isclose(r["total"], expected, rel_tol=1e-12), (len(tensors), r["total"])
+        cpu = _core.norms(tensors, p, "t", False, False)["total"]
+        assert math.isclose(r["total"], cpu, rel_tol=1e-12), (r["total"], cpu)
+    assert math.isclose(_core._cuda_plan_norms([one], p)["norms"][0], expected, rel_tol=1e-12)
+
+
 def test_emulated_rescue_generic_p_float32():
     # |x|^10 of 1e38 overflows float64; the true norm is finite.
     x = torch.full((1000,), 1e38, dtype=torch.float32)

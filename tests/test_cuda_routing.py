@@ -62,6 +62,7 @@ class FakeCudaArray:
         self._device = device
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        self.export_stream = stream
         return _PyCapsule_New(ctypes.addressof(self._managed), b"dltensor_versioned", None)
 
     def __dlpack_device__(self):
@@ -78,6 +79,16 @@ def test_cuda_memory_is_not_mixed_with_host_memory():
     with pytest.raises(ValueError, match=r"arrays\[1\]: is on cuda:0 but arrays\[0\] is on the CPU; one call"):
         gradclip.clip_by_global_norm_([host, FakeCudaArray(8)], 0.1)
     np.testing.assert_array_equal(host, before)
+
+
+def test_other_producers_export_without_a_stream():
+    # Not torch or CuPy: gradclip launches on the legacy default stream, which the
+    # producer orders its work before when given no stream (the DLPack rule).
+    # (torch and CuPy get stream=-1: they run on their own current stream.)
+    a = FakeCudaArray(8)
+    with pytest.raises(ValueError, match="arrays\\[1\\]"):
+        gradclip.global_norm([a, np.ones(2, dtype=np.float32)])
+    assert a.export_stream is None
 
 
 def test_two_cuda_devices_are_not_mixed():

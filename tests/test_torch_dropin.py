@@ -355,6 +355,33 @@ def test_error_if_nonfinite_with_finite_norm_clips_normally():
         assert_scaled(param.grad, g, ref / 2, ref, norm_rtol(2.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_error_if_nonfinite_on_a_total_beyond_float32(dtype):
+    # Finite elements whose total (4.2e38 in float64) is inf as the float32 result:
+    # torch raises; so must we, and before writing (the hold decision and the
+    # error are taken on the same, reported value).
+    grads = [torch.full((2,), 3e38, dtype=dtype), torch.ones(3, dtype=dtype)]
+    params = params_of(grads)
+    with pytest.raises(RuntimeError, match=r"non-finite, so it cannot be clipped"):
+        gradclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match=r"non-finite, so it cannot be clipped"):
+        torch.nn.utils.clip_grad_norm_(params_of(grads), 1.0, error_if_nonfinite=True)
+    for param, g in zip(params, grads):
+        assert_bitwise_equal(param.grad, g, "grad after error_if_nonfinite")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gradclip.get_total_norm(grads, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gradclip.clip_by_global_norm_([g.float().numpy() for g in grads], 1.0, error_if_nonfinite=True)
+    # Without the flag: the inf total is returned and the float64 total's
+    # coefficient applied (torch's float32 inf would zero every gradient).
+    total = gradclip.clip_grad_norm_(params, 1.0)
+    assert float(total) == INF and total.dtype == torch.float32
+    assert 0 < float(params[0].grad[0]) < 1.0
+    # float64 gradients report a float64 total: finite, no error.
+    wide = params_of([g.double() for g in grads])
+    assert math.isfinite(float(gradclip.clip_grad_norm_(wide, 1.0, error_if_nonfinite=True)))
+
+
 # --------------------------------------------------------------------------
 # Argument forms: one tensor, lists, generators, None grads, foreach
 # --------------------------------------------------------------------------

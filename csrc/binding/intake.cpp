@@ -84,6 +84,46 @@ std::string python_error_text() {
 
 std::string type_name(PyObject* obj) { return Py_TYPE(obj)->tp_name; }
 
+// Whether obj is an instance of module.cls, without importing the module.
+bool is_instance_of(PyObject* obj, const char* module, const char* cls) {
+  PyObject* name = PyUnicode_FromString(module);
+  PyObject* mod = name ? PyImport_GetModule(name) : nullptr;
+  Py_XDECREF(name);
+  if (!mod) {
+    PyErr_Clear();
+    return false;
+  }
+  PyObject* type = PyObject_GetAttrString(mod, cls);
+  Py_DECREF(mod);
+  const int r = type ? PyObject_IsInstance(obj, type) : -1;
+  Py_XDECREF(type);
+  if (r < 0) PyErr_Clear();
+  return r == 1;
+}
+
+// The `stream` to pass to __dlpack__, or null for none. torch tensors and CuPy
+// arrays on CUDA are processed on their framework's current stream (see
+// gradclip._device.allocate), so their export must not synchronise: -1 says so
+// (torch would otherwise order its default stream after the current one, which
+// breaks graph capture, and refuse tensors off the current device). Other
+// producers get no stream: they then order their work before the legacy
+// default stream, which is where gradclip launches for them.
+PyObject* export_stream(PyObject* obj) {
+  PyObject* dev = PyObject_CallMethod(obj, "__dlpack_device__", nullptr);
+  if (!dev) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  long type = -1;
+  if (PyTuple_Check(dev) && PyTuple_GET_SIZE(dev) >= 1) type = PyLong_AsLong(PyTuple_GET_ITEM(dev, 0));
+  Py_DECREF(dev);
+  if (PyErr_Occurred()) PyErr_Clear();
+  const bool cuda = type == dlpack::kCUDA || type == dlpack::kCUDAManaged;
+  if (cuda && (is_instance_of(obj, "torch", "Tensor") || is_instance_of(obj, "cupy", "ndarray")))
+    return PyLong_FromLong(-1);
+  return nullptr;
+}
+
 // One element as the intake sees it, whatever protocol produced it.
 struct RawTensor {
   void* data;
@@ -235,13 +275,17 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
       PyErr_Clear();
       fail_type(type_name(obj) + " is not a tensor or array (no DLPack or buffer protocol)");
     }
+    PyObject* stream = export_stream(exporter);
     PyObject* kwargs = Py_BuildValue("{s:(ii)}", "max_version", 1, 0);
+    if (stream) PyDict_SetItemString(kwargs, "stream", stream);
     PyObject* empty = PyTuple_New(0);
     PyObject* cap = PyObject_Call(method, empty, kwargs);
     if (!cap && PyErr_ExceptionMatches(PyExc_TypeError)) {  // a producer without max_version
       PyErr_Clear();
-      cap = PyObject_Call(method, empty, nullptr);
+      PyDict_DelItemString(kwargs, "max_version");
+      cap = PyObject_Call(method, empty, kwargs);
     }
+    Py_XDECREF(stream);
     Py_DECREF(kwargs);
     Py_DECREF(empty);
     Py_DECREF(method);

@@ -66,7 +66,10 @@ class Intake {
   void deduplicate(const IntakeOptions& options);
 
   PyObject* fast_ = nullptr;          // the sequence as a list/tuple (owned)
-  std::vector<PyObject*> owned_;      // grads and DLPack capsules kept alive until the kernels are done
+  // Grads and DLPack capsules, released when the call returns: for CUDA input
+  // that is once the kernels are queued, which is safe for memory the caller
+  // keeps (its gradients) and for allocators that reuse memory in stream order.
+  std::vector<PyObject*> owned_;
   std::vector<Py_buffer> buffers_;    // buffer-protocol views to release
   std::vector<std::vector<int64_t>> owned_strides_;  // element strides of buffer views
   int32_t device_item_ = -1;  // list index of the first tensor seen (for messages)

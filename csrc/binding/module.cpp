@@ -162,6 +162,8 @@ py::dict clip_norm(py::handle seq, double max_norm, double p, double eps, const 
   req.nonfinite = skip_nonfinite ? cpu::NonfinitePolicy::kHold : cpu::NonfinitePolicy::kPropagate;
 
   Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
+  // The total is reported as float32 unless an input is float64 (as the CUDA outputs are).
+  req.float32_total = !(in.dtype_mask & (1u << int(DType::kF64)));
   if (in.on_cuda()) {
     py::dict d = describe(in);
     CudaJob job;

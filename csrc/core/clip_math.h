@@ -22,4 +22,14 @@ GRADCLIP_HD double normalize_coefficient(double target, double norm) {
   return target / norm;
 }
 
+// Whether a norm is finite as the caller will see it. A total reported as
+// float32 (the result dtype of float32 and 16-bit inputs) is inf from float32's
+// max plus half an ulp on, although the float64 sum behind it is finite; the
+// decision to hold the gradients must agree with the error raised on it.
+constexpr double kFloat32RoundsToInf = 0x1.ffffffp127;  // 2^128 - 2^103
+GRADCLIP_HD bool finite_as_reported(double norm, bool as_float32) {
+  const double magnitude = norm < 0 ? -norm : norm;  // NaN fails both comparisons
+  return as_float32 ? magnitude < kFloat32RoundsToInf : magnitude <= 1.7976931348623157e308;
+}
+
 }  // namespace gradclip

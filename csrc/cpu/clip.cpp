@@ -17,8 +17,8 @@ ClipOutcome clip(const std::vector<Span>& spans, const ClipRequest& req) {
     out.nonfinite_spans[s] = !std::isfinite(out.norms.per_span[s]);
     out.nonfinite |= out.nonfinite_spans[s] != 0;
   }
-  // Finite spans whose total exceeds float64 also count: torch's test is on the total.
-  out.nonfinite |= !std::isfinite(out.norms.total);
+  // Finite spans whose total overflows also count: torch's test is on the total.
+  out.nonfinite |= !finite_as_reported(out.norms.total, req.float32_total);
   if (out.nonfinite && req.nonfinite == NonfinitePolicy::kZero) {
     out.zeroed = zero_nonfinite(spans, out.nonfinite_spans);
     renorm_spans(spans, req.order, out.nonfinite_spans, req.groups, out.norms);

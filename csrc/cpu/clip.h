@@ -32,6 +32,7 @@ struct ClipRequest {
   std::vector<double> limits;  // one per group (a single group when `groups` is empty)
   Grouping groups;
   NonfinitePolicy nonfinite = NonfinitePolicy::kPropagate;
+  bool float32_total = false;  // the total is reported as float32 (see finite_as_reported)
 };
 
 struct ClipOutcome {

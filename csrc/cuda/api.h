@@ -46,8 +46,9 @@ struct Request {
   double eps = 0.0;
   const double* limits = nullptr;  // host array, one per group (clip and normalize jobs)
   int32_t n_groups = 1;
-  // Write nothing when some tensor's norm is NaN or inf (error_if_nonfinite:
-  // the caller then reads the total, its one host sync, and raises).
+  // Write nothing when some tensor's norm is NaN or inf, or the total is as
+  // stored (error_if_nonfinite: the caller then reads the total, its one host
+  // sync, and raises).
   bool hold_nonfinite = false;
   // kScale: the coefficient, or, when norm is set, min(max_norm / (*norm + eps), 1)
   // computed on the device from a norm of dtype norm_dtype.

@@ -99,8 +99,19 @@ __device__ __forceinline__ float to_c(bf16_t v) { return __uint_as_float(uint32_
 
 __device__ __forceinline__ float from_c(float c, float) { return c; }
 __device__ __forceinline__ double from_c(double c, double) { return c; }
-__device__ __forceinline__ f16_t from_c(float c, f16_t) { return {__half_as_ushort(__float2half_rn(c))}; }
-__device__ __forceinline__ bf16_t from_c(float c, bf16_t) { return {__bfloat16_as_ushort(__float2bfloat16_rn(c))}; }
+// A NaN keeps its sign and payload (made quiet), as on the CPU (core/types.h);
+// CUDA's own conversions return one canonical NaN.
+__device__ __forceinline__ f16_t from_c(float c, f16_t) {
+  if (c != c) {
+    const uint32_t u = __float_as_uint(c);
+    return {uint16_t(((u >> 16) & 0x8000u) | 0x7e00u | ((u >> 13) & 0x3ffu))};
+  }
+  return {__half_as_ushort(__float2half_rn(c))};
+}
+__device__ __forceinline__ bf16_t from_c(float c, bf16_t) {
+  if (c != c) return {uint16_t((__float_as_uint(c) >> 16) | 0x40u)};
+  return {__bfloat16_as_ushort(__float2bfloat16_rn(c))};
+}
 
 __device__ __forceinline__ float load_ro(const float* p) { return __ldg(p); }
 __device__ __forceinline__ double load_ro(const double* p) { return __ldg(p); }
@@ -289,8 +300,8 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid
   Partial all{0.0, 0, 0};
   for (int64_t t = tid; t < f.n; t += kFinalizeThreads) all = combine(all, f.tensor_sums[t], f.kind, f.p);
   const double total = partial_norm(block_combine(all, f.kind, f.p, smem), f.kind, f.p);
-  // Finite tensors whose total exceeds float64 count too (torch tests the total).
-  const bool hold = __syncthreads_or(bad || !isfinite(total)) && f.hold_nonfinite;
+  // Finite tensors whose total overflows, as stored, count too (torch tests the total).
+  const bool hold = __syncthreads_or(bad || !finite_as_reported(total, !f.out.out_f64)) && f.hold_nonfinite;
   for (int g = 0; g < f.n_groups; ++g) {
     double norm = total;
     if (f.n_groups > 1) {
@@ -511,18 +522,32 @@ const char* fail(const std::string& why) {
   return last_error().c_str();
 }
 
-// Restores the caller's current device on every way out.
+// Selects the tensors' device when it is not the current one, and restores the
+// caller's on every way out (only then: setting a device creates its context).
 struct DeviceGuard {
   int previous = -1;
+  bool switched = false;
   cudaError_t status = cudaSuccess;
   explicit DeviceGuard(int device) {
     status = cudaGetDevice(&previous);
-    if (status == cudaSuccess && previous != device) status = cudaSetDevice(device);
+    if (status == cudaSuccess && previous != device) {
+      status = cudaSetDevice(device);
+      switched = status == cudaSuccess;
+    }
   }
   ~DeviceGuard() {
-    if (previous >= 0) cudaSetDevice(previous);
+    if (switched) cudaSetDevice(previous);
   }
 };
+
+// The error of the launch just made, if any. Checked after every launch, so
+// that no kernel runs on the results of one that failed to launch (a finalize
+// on an unwritten workspace, a rescale with stale coefficients).
+const char* launch_error() {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return nullptr;
+  return fail(std::string("CUDA kernel launch failed: ") + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
 
 template <Kind K>
 void launch_norm(const NormParams& prm, unsigned grid, cudaStream_t stream) {
@@ -566,6 +591,7 @@ const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
         case Kind::kInf: launch_norm<Kind::kInf>(*prm, grid, stream); break;
         default: launch_norm<Kind::kP>(*prm, grid, stream); break;
       }
+      if (const char* e = launch_error()) return e;
     }
     FinalizeParams f{};
     f.n = n;
@@ -583,6 +609,7 @@ const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
     if (r->job != Job::kNorms)
       for (int g = 0; g < r->n_groups; ++g) f.limits[g] = r->limits[g];
     finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(f);
+    if (const char* e = launch_error()) return e;
   }
 
   if (r->job != Job::kNorms && r->job != Job::kClamp) {
@@ -602,6 +629,7 @@ const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
       for (int64_t j = 0; j < fp.launches; ++j) {
         const unsigned grid = fill_table(prm->table, ts, fp, j);
         scale_kernel<<<grid, kThreads, 0, stream>>>(*prm);
+        if (const char* e = launch_error()) return e;
       }
   }
 
@@ -612,12 +640,9 @@ const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
     for (int64_t j = 0; j < fp.launches; ++j) {
       const unsigned grid = fill_table(prm->table, ts, fp, j);
       clamp_kernel<<<grid, kThreads, 0, stream>>>(*prm);
+      if (const char* e = launch_error()) return e;
     }
   }
-
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return fail(std::string("CUDA kernel launch failed: ") + cudaGetErrorName(err) + ": " +
-                                      cudaGetErrorString(err));
   return nullptr;
 }
 

@@ -172,7 +172,11 @@ struct Partial {
 enum class Kind : int32_t { kL1 = 0, kL2 = 1, kInf = 2, kP = 3 };
 
 // Plain power sums below this may have lost precision to underflow (the CPU's threshold).
-constexpr double kTinyPowerSum = 1.4708983551653345e-271;  // 2^-900
+constexpr double kTinyPowerSum = 0x1p-900;
+// Plain power sums above this are redone on a scale: then every plain partial
+// is at most 2^900, and adding up any number of them (< 2^123) cannot overflow
+// where the true sum is finite.
+constexpr double kHugePowerSum = 0x1p900;
 
 // 2^k for -1022 <= k <= 1023, built from its bits.
 GRADCLIP_HD double pow2(int k) {
@@ -227,12 +231,13 @@ GRADCLIP_HD double partial_norm(Partial a, Kind kind, double p) {
 }
 
 // Whether a block's plain power sum must be redone with scaled elements: it
-// overflowed although its largest element is finite, or it is so small that
-// float64 underflow may have eaten part of it.
+// is so large that it, or its sum with other blocks' partials, may overflow
+// although the largest element is finite, or so small that float64 underflow
+// may have eaten part of it.
 GRADCLIP_HD bool needs_rescue(double sum, double max_abs) {
   if (is_nan(sum) || is_nan(max_abs) || max_abs == 0.0) return false;
   if (max_abs > 1.7976931348623157e308) return false;  // an inf element: the norm is inf
-  return sum > 1.7976931348623157e308 || sum < kTinyPowerSum;
+  return sum > kHugePowerSum || sum < kTinyPowerSum;
 }
 
 // Which kernels may need a rescue: those whose plain float64 power sum can

@@ -41,18 +41,24 @@ def allocate(like: Any, out_bytes: int, workspace_bytes: int) -> Tuple[Any, int,
         stream = torch.cuda.current_stream(device).cuda_stream
         return out, _ptr(out), ws, _ptr(ws), stream
     cupy = _cupy_of(like)
-    stream = None
     if cupy is None:
-        # Another DLPack producer: it synchronised its work with the legacy
-        # default stream when it exported (no stream was named), so launch there.
+        # Another DLPack producer: it ordered its work before the legacy default
+        # stream when it exported (no stream was named), so launch there, with
+        # memory that CuPy's pool also orders on that stream.
         cupy = _import_cupy()
-        stream = _LEGACY_DEFAULT_STREAM
+        with cupy.cuda.Device(_device_id(like)), cupy.cuda.Stream.null:
+            out, ws = _cupy_buffers(cupy, out_bytes, workspace_bytes)
+        return out, _ptr(out), ws, _ptr(ws), _LEGACY_DEFAULT_STREAM
     with cupy.cuda.Device(_device_id(like)):
-        out = cupy.empty(out_bytes, dtype=cupy.uint8) if out_bytes else None
-        ws = cupy.empty(workspace_bytes, dtype=cupy.uint8) if workspace_bytes else None
-        if stream is None:
-            stream = cupy.cuda.get_current_stream().ptr
+        out, ws = _cupy_buffers(cupy, out_bytes, workspace_bytes)
+        stream = cupy.cuda.get_current_stream().ptr
     return out, _ptr(out), ws, _ptr(ws), stream
+
+
+def _cupy_buffers(cupy: Any, out_bytes: int, workspace_bytes: int) -> Tuple[Any, Any]:
+    out = cupy.empty(out_bytes, dtype=cupy.uint8) if out_bytes else None
+    ws = cupy.empty(workspace_bytes, dtype=cupy.uint8) if workspace_bytes else None
+    return out, ws
 
 
 def _ptr(buf: Any) -> int:
