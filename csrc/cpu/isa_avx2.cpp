@@ -4,6 +4,7 @@
 
 #include <type_traits>
 
+#include "cpu/bits16.h"
 #include "cpu/isa_kernels.h"
 
 namespace gradclip::cpu::avx2_isa {
@@ -120,6 +121,29 @@ static inline bool outside_c(F64v a, double lo, double hi) {
     m = _mm256_or_pd(m, _mm256_or_pd(_mm256_cmp_pd(a.v[k], l, _CMP_LT_OQ), _mm256_cmp_pd(a.v[k], h, _CMP_GT_OQ)));
   return _mm256_movemask_pd(m) != 0;
 }
+
+// 16-bit clamp on raw patterns (cpu/bits16.h): 16 lanes per __m256i, masks as
+// all-ones lanes.
+constexpr int kLanes16 = 16;
+using B16v = __m256i;
+using M16 = __m256i;
+static inline B16v load_b16(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline void store_b16(uint16_t* p, B16v a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
+static inline B16v splat_b16(uint16_t b) { return _mm256_set1_epi16(static_cast<int16_t>(b)); }
+// sign_epi16(mag, bits) negates mag where bits < 0, i.e. where the sign bit is set
+// (where bits == 0 it gives 0, and mag is 0 there anyway).
+static inline B16v key_b16(B16v a) { return _mm256_sign_epi16(_mm256_and_si256(a, _mm256_set1_epi16(0x7fff)), a); }
+// mag <= inf as inf + 1 > mag: AVX2 has only a signed greater-than, and both
+// sides stay below 0x8000. The + 1 is loop-invariant.
+static inline M16 ordered_b16(B16v a, B16v inf) {
+  return _mm256_cmpgt_epi16(_mm256_add_epi16(inf, _mm256_set1_epi16(1)), _mm256_and_si256(a, _mm256_set1_epi16(0x7fff)));
+}
+static inline M16 lt_b16(M16 ok, B16v a, B16v b) { return _mm256_and_si256(ok, _mm256_cmpgt_epi16(b, a)); }
+static inline bool any_b16(M16 a, M16 b) {
+  const __m256i m = _mm256_or_si256(a, b);
+  return !_mm256_testz_si256(m, m);
+}
+static inline B16v select_b16(B16v a, M16 m, B16v with) { return _mm256_blendv_epi8(a, with, m); }
 
 #include "cpu/kernels_impl.h"
 

@@ -5,6 +5,7 @@
 
 #include <type_traits>
 
+#include "cpu/bits16.h"
 #include "cpu/isa_kernels.h"
 
 namespace gradclip::cpu::avx512_isa {
@@ -89,6 +90,26 @@ static inline bool outside_c(F64v a, double lo, double hi) {
     m |= _mm512_cmp_pd_mask(a.v[k], l, _CMP_LT_OQ) | _mm512_cmp_pd_mask(a.v[k], h, _CMP_GT_OQ);
   return m != 0;
 }
+
+// 16-bit clamp on raw patterns (cpu/bits16.h): 32 lanes per zmm, AVX-512BW mask
+// compares.
+constexpr int kLanes16 = 32;
+using B16v = __m512i;
+using M16 = __mmask32;
+static inline B16v load_b16(const uint16_t* p) { return _mm512_loadu_si512(p); }
+static inline void store_b16(uint16_t* p, B16v a) { _mm512_storeu_si512(p, a); }
+static inline B16v splat_b16(uint16_t b) { return _mm512_set1_epi16(static_cast<int16_t>(b)); }
+// The magnitude, negated (0 - mag) in the lanes whose sign bit is set.
+static inline B16v key_b16(B16v a) {
+  const __m512i mag = _mm512_and_si512(a, _mm512_set1_epi16(0x7fff));
+  return _mm512_mask_sub_epi16(mag, _mm512_movepi16_mask(a), _mm512_setzero_si512(), mag);
+}
+static inline M16 ordered_b16(B16v a, B16v inf) {
+  return _mm512_cmple_epu16_mask(_mm512_and_si512(a, _mm512_set1_epi16(0x7fff)), inf);
+}
+static inline M16 lt_b16(M16 ok, B16v a, B16v b) { return _mm512_mask_cmplt_epi16_mask(ok, a, b); }
+static inline bool any_b16(M16 a, M16 b) { return (a | b) != 0; }
+static inline B16v select_b16(B16v a, M16 m, B16v with) { return _mm512_mask_mov_epi16(a, m, with); }
 
 #include "cpu/kernels_impl.h"
 

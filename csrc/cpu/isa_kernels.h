@@ -28,7 +28,7 @@ struct IsaKernels {
   ReduceFn sum_abs[kNumDTypes];
   ReduceFn max_abs[kNumDTypes];  // NaN if any element is NaN
   ScaleFn scale[kNumDTypes];     // x *= coef, in float32 for 16-bit/float32 data, float64 for float64
-  ClampFn clamp[kNumDTypes];     // x = min(max(x, lo), hi); NaN stays NaN; writes only changed blocks
+  ClampFn clamp[kNumDTypes];     // x = min(max(x, lo), hi); a NaN keeps its bits; writes only changed blocks
 };
 
 const IsaKernels& scalar_kernels();

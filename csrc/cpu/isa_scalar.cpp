@@ -3,6 +3,7 @@
 // isa_kernels.h names, so results match the SIMD files bit for bit.
 #include <type_traits>
 
+#include "cpu/bits16.h"
 #include "cpu/isa_kernels.h"
 
 namespace gradclip::cpu::scalar_isa {
@@ -63,6 +64,33 @@ static inline bool outside_c(Vec16<C> a, C lo, C hi) {
   bool out = false;
   for (int k = 0; k < kLanes; ++k) out |= (a.v[k] < lo) | (a.v[k] > hi);
   return out;
+}
+
+// 16-bit clamp on raw patterns: 16 lanes, each the scalar rule of cpu/bits16.h.
+constexpr int kLanes16 = kLanes;
+using B16v = Vec16<uint16_t>;
+using M16 = Vec16<bool>;
+static inline B16v load_b16(const uint16_t* p) { B16v r; for (int k = 0; k < kLanes16; ++k) r.v[k] = p[k]; return r; }
+static inline void store_b16(uint16_t* p, B16v a) { for (int k = 0; k < kLanes16; ++k) p[k] = a.v[k]; }
+static inline B16v splat_b16(uint16_t b) { B16v r; for (int k = 0; k < kLanes16; ++k) r.v[k] = b; return r; }
+static inline B16v key_b16(B16v a) { for (int k = 0; k < kLanes16; ++k) a.v[k] = uint16_t(order_key16(a.v[k])); return a; }
+static inline M16 ordered_b16(B16v a, B16v inf) {
+  M16 r;
+  for (int k = 0; k < kLanes16; ++k) r.v[k] = (a.v[k] & 0x7fff) <= inf.v[k];
+  return r;
+}
+static inline M16 lt_b16(M16 ok, B16v a, B16v b) {
+  for (int k = 0; k < kLanes16; ++k) ok.v[k] = ok.v[k] && int16_t(a.v[k]) < int16_t(b.v[k]);
+  return ok;
+}
+static inline bool any_b16(M16 a, M16 b) {
+  bool r = false;
+  for (int k = 0; k < kLanes16; ++k) r |= a.v[k] | b.v[k];
+  return r;
+}
+static inline B16v select_b16(B16v a, M16 m, B16v with) {
+  for (int k = 0; k < kLanes16; ++k) if (m.v[k]) a.v[k] = with.v[k];
+  return a;
 }
 
 #include "cpu/kernels_impl.h"

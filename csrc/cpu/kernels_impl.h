@@ -6,7 +6,11 @@
 //   load_f64(const T*)  for T in float, double, f16_t, bf16_t (16 elements, widened)
 //   add, mul, abs_v, max_v, zero_f64, unordered_or, store_lanes   (on F64v)
 //   load_c / store_c:   16 elements as their compute type (F32v, or F64v for double)
-//   mul_c(V, s), clamp_c(V, lo, hi), outside_c(V, lo, hi)
+//   mul_c(V, s), clamp_c(V, lo, hi), outside_c(V, lo, hi)   (float32 / float64 clamp)
+//   B16v  kLanes16 raw 16-bit patterns    M16  a per-lane mask of them
+//   load_b16, store_b16, splat_b16, key_b16 (order key, cpu/bits16.h),
+//   ordered_b16(V, inf) (not NaN), lt_b16(ok, a, b) (a < b as int16, only where ok),
+//   any_b16(M16, M16), select_b16(V, M16, with)
 // Everything here has internal linkage (the includer wraps it in an anonymous
 // namespace): an inline function compiled with AVX-512 flags must never be merged
 // with, and then called in place of, the baseline copy.
@@ -95,8 +99,10 @@ static void scale_block(void* data, int64_t n, double coef) {
 }
 
 // Clamp bounds must already be representable in T (the caller rounds them), so
-// a clamped element is written back exactly. A block of 16 is stored only when
-// one of its elements changes: clipping nothing costs one read pass.
+// a clamped element is written back exactly. A block is stored only when one of
+// its elements changes: clipping nothing costs one read pass.
+
+// float32 / float64: compared in the compute type, 16 elements a block.
 template <class T>
 static bool clamp_block(void* data, int64_t n, double lo_d, double hi_d) {
   using C = typename Compute<T>::type;
@@ -119,6 +125,31 @@ static bool clamp_block(void* data, int64_t n, double lo_d, double hi_d) {
   return changed;
 }
 
+// float16 / bfloat16: compared as order keys of the raw patterns, kLanes16 a
+// block, and a clamped lane takes the bound's pattern (see cpu/bits16.h).
+template <class T>
+static bool clamp_bits16(void* data, int64_t n, double lo_d, double hi_d) {
+  uint16_t* x = static_cast<uint16_t*>(data);
+  const Bits16Clamp c = bits16_clamp<T>(lo_d, hi_d);
+  const B16v lo = splat_b16(c.lo), hi = splat_b16(c.hi), inf = splat_b16(c.inf);
+  const B16v lo_key = splat_b16(uint16_t(c.lo_key)), hi_key = splat_b16(uint16_t(c.hi_key));
+  bool changed = false;
+  int64_t i = 0;
+  for (; i + kLanes16 <= n; i += kLanes16) {
+    const B16v v = load_b16(x + i);
+    const B16v key = key_b16(v);
+    const M16 ok = ordered_b16(v, inf);
+    const M16 below = lt_b16(ok, key, lo_key), above = lt_b16(ok, hi_key, key);
+    if (any_b16(below, above)) {
+      // `below` last, as in clamp_one16().
+      store_b16(x + i, select_b16(select_b16(v, above, hi), below, lo));
+      changed = true;
+    }
+  }
+  for (; i < n; ++i) changed |= clamp_one16(x + i, c);
+  return changed;
+}
+
 template <class T>
 static constexpr int dtype_index() {
   if constexpr (sizeof(T) == 8) return int(DType::kF64);
@@ -134,7 +165,8 @@ static constexpr void fill_entry(IsaKernels& k) {
   k.sum_abs[d] = &reduce_sum<T, AbsOp>;
   k.max_abs[d] = &reduce_max_abs<T>;
   k.scale[d] = &scale_block<T>;
-  k.clamp[d] = &clamp_block<T>;
+  if constexpr (sizeof(T) == 2) k.clamp[d] = &clamp_bits16<T>;
+  else k.clamp[d] = &clamp_block<T>;
 }
 
 // constexpr: the table is built at compile time, so no code compiled with this
