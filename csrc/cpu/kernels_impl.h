@@ -33,6 +33,22 @@ static inline void from_compute(double v, double* out) { *out = v; }
 static inline void from_compute(float v, f16_t* out) { out->bits = float_to_f16(v); }
 static inline void from_compute(float v, bf16_t* out) { out->bits = float_to_bf16(v); }
 
+// Software prefetch this many bytes ahead of every streaming loop. Each loop
+// iteration carries a float64 add chain, so the out-of-order window holds only
+// a few cache lines' worth of loads; 16-bit data (half a line per iteration)
+// then reached only ~40% of one core's DRAM bandwidth. Measured on a 2-core
+// Xeon, one thread, 32M elements: bf16 sum of squares 6.5 -> 17 GB/s, float16
+// 6.7 -> 16-18, float32 15.9 -> 18, float64 13.9 -> 18 (distances of 512 to
+// 4096 bytes: 2048 best or level). A prefetch never faults, so running past
+// the end of a block is harmless.
+// One prefetch per cache line of an iteration's 16 elements (float64: two).
+constexpr int kPrefetchBytes = 2048;
+template <class T>
+static inline void prefetch_ahead(const T* p) {
+  const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
+  for (int line = 0; line < int(kLanes * sizeof(T)); line += 64) __builtin_prefetch(ahead + line);
+}
+
 // ---- reductions (see the lane contract in isa_kernels.h) ----
 
 struct SquareOp {
@@ -49,7 +65,10 @@ static double reduce_sum(const void* data, int64_t n) {
   const T* x = static_cast<const T*>(data);
   F64v acc = zero_f64();
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc = Op::step(acc, load_f64(x + i));
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch_ahead(x + i);
+    acc = Op::step(acc, load_f64(x + i));
+  }
   alignas(64) double lanes[kLanes];
   store_lanes(lanes, acc);
   for (int k = 0; i < n; ++i, ++k) lanes[k] = Op::scalar(lanes[k], to_double(x[i]));
@@ -63,6 +82,7 @@ static double reduce_max_abs(const void* data, int64_t n) {
   F64v nan_seen = zero_f64();  // all-ones lanes where a NaN was loaded
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    prefetch_ahead(x + i);
     const F64v v = load_f64(x + i);
     acc = max_v(acc, abs_v(v));
     nan_seen = unordered_or(nan_seen, v);
@@ -94,7 +114,10 @@ static void scale_block(void* data, int64_t n, double coef) {
   T* x = static_cast<T*>(data);
   const C c = static_cast<C>(coef);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store_c(x + i, mul_c(load_c(x + i), c));
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch_ahead(x + i);
+    store_c(x + i, mul_c(load_c(x + i), c));
+  }
   for (; i < n; ++i) from_compute(static_cast<C>(to_compute(x[i]) * c), x + i);
 }
 
@@ -111,6 +134,7 @@ static bool clamp_block(void* data, int64_t n, double lo_d, double hi_d) {
   bool changed = false;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    prefetch_ahead(x + i);
     const auto v = load_c(x + i);
     if (outside_c(v, lo, hi)) {
       store_c(x + i, clamp_c(v, lo, hi));
@@ -136,6 +160,7 @@ static bool clamp_bits16(void* data, int64_t n, double lo_d, double hi_d) {
   bool changed = false;
   int64_t i = 0;
   for (; i + kLanes16 <= n; i += kLanes16) {
+    prefetch_ahead(x + i);
     const B16v v = load_b16(x + i);
     const B16v key = key_b16(v);
     const M16 ok = ordered_b16(v, inf);
