@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -361,6 +362,31 @@ def _no_state_leaks():
     yield
     assert _core.active_isa() == isa_before, "a test changed the active ISA"
     assert gradclip.get_num_threads() == threads_before, "a test changed the thread count"
+
+
+# Prelude of the "nothing is written" scripts: protect(mm) makes an mmap's pages
+# read-only behind NumPy's and torch's backs (they still report the views
+# writable), so any store, even of an unchanged value, kills the process.
+_READ_ONLY_PRELUDE = """
+import ctypes, mmap, sys
+def protect(mm):
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(mm)), len(mm), mmap.PROT_READ) == 0
+"""
+
+
+def check_read_only_script(body: str, mode: str) -> None:
+    """Runs a read-only-pages script in a fresh interpreter (a crash must not
+    take pytest down), with ``sys.argv[1] = mode``. In mode "no-write" the body
+    must print "no write" and exit 0; in mode "control" (the positive control:
+    a call that must write) it must die with SIGSEGV."""
+    proc = subprocess.run([sys.executable, "-c", _READ_ONLY_PRELUDE + body, mode], capture_output=True, text=True,
+                          timeout=120)
+    if mode == "control":
+        assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    else:
+        assert proc.returncode == 0 and proc.stdout.strip() == "no write", (proc.returncode, proc.stderr[-2000:])
 
 
 def run_python(code: str, env_extra: dict | None = None, timeout: float = 120) -> str:

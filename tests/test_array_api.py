@@ -5,9 +5,6 @@ producers, against the float64 reference."""
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,19 +16,20 @@ from conftest import (
     NAN,
     NORM_IDS,
     NORM_ORDERS,
-    NUMPY_DTYPE_IDS,
     NUMPY_DTYPES,
+    NUMPY_DTYPE_IDS,
     SIZES,
     SMALL_SIZES,
-    TORCH_DTYPE_IDS,
     TORCH_DTYPES,
+    TORCH_DTYPE_IDS,
     as_f64,
     assert_bitwise_equal,
     assert_norm_close,
     assert_same_or_both_nan,
     assert_scaled,
-    clone_all,
     bits,
+    check_read_only_script,
+    clone_all,
     dtype_name,
     expected_scaled,
     make_numpy,
@@ -587,7 +585,6 @@ def test_tens_of_thousands_of_tiny_arrays(threads, restore_threads):
 # --------------------------------------------------------------------------
 
 _READ_ONLY_PAGES = """
-import ctypes, mmap, sys
 import numpy as np
 size = 1 << 21
 mm = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -599,10 +596,7 @@ zeros = np.frombuffer(mm, dtype=np.float32, count=50_000, offset=3 << 19)
 for a in (f32, f64, f16):
     a[:] = rng.standard_normal(a.size)
 zeros[:] = 0
-libc = ctypes.CDLL(None)
-libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-assert libc.mprotect(addr, size, mmap.PROT_READ) == 0  # ... over pages that fault on any write
+protect(mm)  # ... over pages that fault on any write
 import gradclip
 xs = [f32, f64, f16]
 if sys.argv[1] == "control":
@@ -638,13 +632,9 @@ def test_no_memory_is_written_when_nothing_needs_clipping():
     # (NumPy still reports them writable): any store, even of an unchanged
     # value, kills the process. Every call below needs no change and so must
     # only read.
-    proc = subprocess.run([sys.executable, "-c", _READ_ONLY_PAGES, "no-write"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "no write", (proc.returncode, proc.stderr[-2000:])
+    check_read_only_script(_READ_ONLY_PAGES, "no-write")
 
 
 def test_read_only_pages_do_catch_a_write():
     # Positive control for the test above: a clamp that must write dies.
-    proc = subprocess.run([sys.executable, "-c", _READ_ONLY_PAGES, "control"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    check_read_only_script(_READ_ONLY_PAGES, "control")
