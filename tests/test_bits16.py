@@ -6,7 +6,6 @@ the returned 'changed' flag, and no store at all when nothing is outside."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
