@@ -4,9 +4,11 @@ argument, the list index and the rule, and every input left bit-identical
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -21,6 +23,7 @@ from conftest import (
     assert_norm_close,
     assert_scaled,
     make_numpy,
+    make_param,
     make_torch,
     ref_norm,
     run_python,
@@ -239,6 +242,29 @@ def test_sparse_grad_on_a_real_parameter():
         gradclip.clip_grad_norm_([good[0], p, good[1]], 0.01)
     for g, b in zip(good, before):
         assert_bitwise_equal(g.grad, b)
+
+
+def test_refusal_late_in_a_long_list_keeps_no_references():
+    # The gradients (and NumPy buffer views) taken before the refused item are
+    # let go of: a refusal used to leak one reference to each.
+    grads = [make_torch(1000, torch.float32, 7400 + i) for i in range(800)]
+    params = [make_param(g) for g in grads]
+    params.insert(700, make_param(torch.ones(4, dtype=torch.complex64)))
+    before = [g.clone() for g in grads]
+    counts = [sys.getrefcount(g) for g in grads]
+    for _ in range(3):
+        with pytest.raises(TypeError, match=r"parameters\[700\]\.grad: complex tensors are not supported"):
+            gradclip.clip_grad_norm_(params, 1e-3)
+    gc.collect()
+    assert [sys.getrefcount(g) for g in grads] == counts, "a refused call kept references to gradients"
+    for g, b in zip(grads, before):
+        assert torch.equal(g, b)
+    arrays = [make_numpy(1000, np.float32, 7500 + i) for i in range(600)]
+    items = arrays + [np.zeros(3, np.int32)]
+    counts = [sys.getrefcount(a) for a in arrays]
+    with pytest.raises(TypeError, match=r"arrays\[600\]"):
+        gradclip.clip_by_global_norm_(items, 1e-3)
+    assert [sys.getrefcount(a) for a in arrays] == counts, "a refused call kept buffer views"
 
 
 def test_none_grads_are_skipped_but_none_items_are_refused():

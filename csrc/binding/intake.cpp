@@ -174,18 +174,28 @@ Intake::Intake(PyObject* sequence, const IntakeOptions& options) {
   spans.reserve(n);
   span_of_entry.reserve(n);
   list_index_of_entry.reserve(n);
-  if (options.only_items) {
-    for (int32_t i : *options.only_items) take(items[i], i, options);
-  } else {
-    for (Py_ssize_t i = 0; i < n; ++i) take(items[i], static_cast<int32_t>(i), options);
+  try {
+    if (options.only_items) {
+      for (int32_t i : *options.only_items) take(items[i], i, options);
+    } else {
+      for (Py_ssize_t i = 0; i < n; ++i) take(items[i], static_cast<int32_t>(i), options);
+    }
+    deduplicate(options);
+  } catch (...) {
+    release();  // a constructor that throws gets no destructor call
+    throw;
   }
-  deduplicate(options);
 }
 
-Intake::~Intake() {
+Intake::~Intake() { release(); }
+
+void Intake::release() {
   for (Py_buffer& b : buffers_) PyBuffer_Release(&b);
   for (PyObject* o : owned_) Py_DECREF(o);
   Py_XDECREF(fast_);
+  buffers_.clear();
+  owned_.clear();
+  fast_ = nullptr;
 }
 
 void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& options) {

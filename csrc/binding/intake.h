@@ -64,6 +64,7 @@ class Intake {
   void take(PyObject* item, int32_t list_index, const IntakeOptions& options);
   void check_device(int32_t device, PyObject* obj, int32_t list_index, const IntakeOptions& options);
   void deduplicate(const IntakeOptions& options);
+  void release();
 
   PyObject* fast_ = nullptr;          // the sequence as a list/tuple (owned)
   // Grads and DLPack capsules, released when the call returns: for CUDA input
