@@ -39,7 +39,7 @@ struct ThreadPool::State {
   static constexpr uint64_t kClosed = uint64_t(1) << 31;
   static constexpr uint64_t kCountMask = kClosed - 1;
 
-  std::mutex run_mu;  // one run() at a time; a concurrent caller works alone
+  std::mutex run_mu;  // one run at a time (start() to finish()); a concurrent caller works alone
   std::mutex mu;
   std::condition_variable work_cv;
   std::condition_variable done_cv;
@@ -129,13 +129,18 @@ ThreadPool& ThreadPool::instance() {
 void ThreadPool::set_num_threads(int n) { num_threads_ = n > 0 ? n : default_threads(); }
 
 void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& task) {
-  const int helpers = static_cast<int>(std::min<int64_t>(num_threads_, n_tasks)) - 1;
-  State& s = *state_;
-  std::unique_lock<std::mutex> run_lock(s.run_mu, std::try_to_lock);
-  if (helpers <= 0 || !run_lock.owns_lock()) {
+  if (!start(n_tasks, task)) {
     for (int64_t i = 0; i < n_tasks; ++i) task(i);
     return;
   }
+  finish();
+}
+
+bool ThreadPool::start(int64_t n_tasks, const std::function<void(int64_t)>& task) {
+  const int helpers = static_cast<int>(std::min<int64_t>(num_threads_, n_tasks)) - 1;
+  if (helpers <= 0) return false;
+  State& s = *state_;
+  if (!s.run_mu.try_lock()) return false;  // another caller's run: this one works alone
   {
     std::lock_guard<std::mutex> lock(s.mu);
     while (static_cast<int>(s.workers.size()) < helpers) {
@@ -151,13 +156,21 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& task) 
     s.generation.store(gen, std::memory_order_release);
   }
   s.work_cv.notify_all();
+  return true;
+}
+
+void ThreadPool::finish() {
+  State& s = *state_;
   s.drain();
   s.run_state.fetch_or(State::kClosed, std::memory_order_acq_rel);
   auto all_left = [&] { return (s.run_state.load(std::memory_order_acquire) & State::kCountMask) == 0; };
   const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
   while (!all_left() && std::chrono::steady_clock::now() < spin_until) cpu_relax();
-  std::unique_lock<std::mutex> lock(s.mu);
-  s.done_cv.wait(lock, all_left);
+  {
+    std::unique_lock<std::mutex> lock(s.mu);
+    s.done_cv.wait(lock, all_left);
+  }
+  s.run_mu.unlock();  // locked by start()
 }
 
 }  // namespace gradclip

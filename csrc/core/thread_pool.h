@@ -22,6 +22,16 @@ class ThreadPool {
   // not fixed, so callers must write results to per-task slots.
   void run(int64_t n_tasks, const std::function<void(int64_t)>& task);
 
+  // run() in two halves, for a caller with work of its own in between: start()
+  // wakes the workers on `task` and returns at once; finish() (on the same
+  // thread, always, once start() returned true) runs the tasks no worker has
+  // claimed and waits for the workers. `task` must live until finish()
+  // returns. start() returns false, and runs nothing, when no worker would
+  // help (one thread, one task, or the pool busy with another caller's run):
+  // the caller then does all the work itself and does not call finish().
+  bool start(int64_t n_tasks, const std::function<void(int64_t)>& task);
+  void finish();
+
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
