@@ -174,7 +174,9 @@ Intake::Intake(PyObject* sequence, const IntakeOptions& options) {
   spans.reserve(n);
   span_of_entry.reserve(n);
   list_index_of_entry.reserve(n);
+  stream_ = options.stream;
   try {
+    if (stream_) stream_->reserve(options.only_items ? options.only_items->size() : n);
     if (options.only_items) {
       for (int32_t i : *options.only_items) take(items[i], i, options);
     } else {
@@ -190,6 +192,7 @@ Intake::Intake(PyObject* sequence, const IntakeOptions& options) {
 Intake::~Intake() { release(); }
 
 void Intake::release() {
+  if (stream_) stream_->stop();  // no worker may still read what is released below
   for (Py_buffer& b : buffers_) PyBuffer_Release(&b);
   for (PyObject* o : owned_) Py_DECREF(o);
   Py_XDECREF(fast_);
@@ -353,9 +356,11 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
     rows_of_entry.push_back(rows);
   }
   dtype_mask |= 1u << int(dtype);
+  const int32_t entry = static_cast<int32_t>(spans.size());
   span_of_entry.push_back(-1);  // assigned by deduplicate()
   list_index_of_entry.push_back(list_index);
   spans.push_back({layout.numel > 0 ? base : nullptr, layout.numel, dtype});
+  if (stream_ && device == kHost && cpu::NormStream::takes(layout.numel)) stream_->add(entry, spans.back());
 }
 
 namespace {
@@ -431,6 +436,27 @@ void Intake::deduplicate(const IntakeOptions& options) {
     }
   }
   spans.swap(unique);
+}
+
+cpu::KnownPowerSums known_power_sums(const Intake& in, const cpu::NormStream& stream) {
+  cpu::KnownPowerSums k;
+  k.known.assign(in.spans.size(), 0);
+  k.value.assign(in.spans.size(), 0.0);
+  // Unique spans are numbered in order of first appearance: entry e is the
+  // first of its span when that span is the next number not yet seen.
+  std::vector<int32_t> first_entry(in.spans.size(), -1);
+  int32_t seen = 0;
+  for (size_t e = 0; e < in.span_of_entry.size(); ++e)
+    if (in.span_of_entry[e] == seen) first_entry[seen++] = static_cast<int32_t>(e);
+  std::vector<int32_t> item_of_entry(in.span_of_entry.size(), -1);
+  for (size_t k = 0; k < stream.size(); ++k) item_of_entry[stream.tags()[k]] = static_cast<int32_t>(k);
+  for (size_t s = 0; s < in.spans.size(); ++s) {
+    const int32_t item = item_of_entry[first_entry[s]];
+    if (item < 0) continue;
+    k.known[s] = 1;
+    k.value[s] = stream.power_sums()[item];
+  }
+  return k;
 }
 
 }  // namespace gradclip::binding

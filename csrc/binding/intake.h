@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/types.h"
+#include "cpu/ops.h"
 
 namespace gradclip::binding {
 
@@ -33,6 +34,10 @@ struct IntakeOptions {
   // When set, only these items of the sequence are taken (in this order); the
   // others are neither read nor checked. Messages keep the items' own indices.
   const std::vector<int32_t>* only_items = nullptr;
+  // When set, every accepted host-memory span small enough for it is add()ed
+  // to this stream as soon as it is validated, tagged with its entry number,
+  // so that worker threads reduce it while the rest of the list is read.
+  cpu::NormStream* stream = nullptr;
 };
 
 class Intake {
@@ -74,7 +79,12 @@ class Intake {
   std::vector<Py_buffer> buffers_;    // buffer-protocol views to release
   std::vector<std::vector<int64_t>> owned_strides_;  // element strides of buffer views
   int32_t device_item_ = -1;  // list index of the first tensor seen (for messages)
+  cpu::NormStream* stream_ = nullptr;
 };
+
+// The power sums a closed stream computed, per unique span of `in` (a span is
+// known when its first entry was streamed).
+cpu::KnownPowerSums known_power_sums(const Intake& in, const cpu::NormStream& stream);
 
 // Label used in messages, e.g. "parameters[3].grad".
 std::string item_label(const IntakeOptions& options, int64_t index);

@@ -60,7 +60,10 @@ py::dict describe(const Intake& in) {
 
 py::dict norms(py::handle seq, double p, const char* argname, bool grad_attr, bool per_tensor) {
   const NormOrder order = parse_order(p);
-  Intake in(seq.ptr(), {argname, grad_attr, Access::kRead});
+  cpu::NormStream stream(order);
+  IntakeOptions options{argname, grad_attr, Access::kRead};
+  options.stream = &stream;
+  Intake in(seq.ptr(), options);
   if (in.on_cuda()) {
     py::dict d = describe(in);
     CudaJob job;
@@ -75,7 +78,9 @@ py::dict norms(py::handle seq, double p, const char* argname, bool grad_attr, bo
   cpu::Norms r;
   {
     py::gil_scoped_release nogil;
-    r = cpu::compute_norms(in.spans, order);
+    stream.close();
+    const cpu::KnownPowerSums known = binding::known_power_sums(in, stream);
+    r = cpu::compute_norms(in.spans, order, {}, &known);
   }
   py::dict d = describe(in);
   d["total"] = r.total;
@@ -161,7 +166,10 @@ py::dict clip_norm(py::handle seq, double max_norm, double p, double eps, const 
   req.limits = {max_norm};
   req.nonfinite = skip_nonfinite ? cpu::NonfinitePolicy::kHold : cpu::NonfinitePolicy::kPropagate;
 
-  Intake in(seq.ptr(), {argname, grad_attr, Access::kWrite});
+  cpu::NormStream stream(req.order);
+  IntakeOptions options{argname, grad_attr, Access::kWrite};
+  options.stream = &stream;
+  Intake in(seq.ptr(), options);
   // The total is reported as float32 unless an input is float64 (as the CUDA outputs are).
   req.float32_total = !(in.dtype_mask & (1u << int(DType::kF64)));
   if (in.on_cuda()) {
@@ -181,6 +189,9 @@ py::dict clip_norm(py::handle seq, double max_norm, double p, double eps, const 
   cpu::ClipOutcome r;
   {
     py::gil_scoped_release nogil;
+    stream.close();
+    const cpu::KnownPowerSums known = binding::known_power_sums(in, stream);
+    req.known = &known;
     r = cpu::clip(in.spans, req);
   }
   py::dict d = describe(in);
@@ -295,7 +306,10 @@ py::dict clip(py::handle seq, const std::vector<double>& limits, py::object grou
   const bool grouped = !group_of_item.is_none();
   const py::object items = as_sequence(seq, argname);
   const std::vector<int32_t> group = item_groups(items, group_of_item, limits.size());
-  Intake in(items.ptr(), {argname, grad_attr, Access::kWrite});
+  cpu::NormStream stream(req.order);
+  IntakeOptions options{argname, grad_attr, Access::kWrite};
+  options.stream = &stream;
+  Intake in(items.ptr(), options);
   if (grouped) {
     req.groups.n_groups = static_cast<int32_t>(limits.size());
     req.groups.group_of_span.assign(in.spans.size(), -1);
@@ -320,6 +334,9 @@ py::dict clip(py::handle seq, const std::vector<double>& limits, py::object grou
     r = clip_on_cuda(in, req, argname);
   } else {
     py::gil_scoped_release nogil;
+    stream.close();
+    const cpu::KnownPowerSums known = binding::known_power_sums(in, stream);
+    req.known = &known;
     r = cpu::clip(in.spans, req);
   }
   std::vector<int32_t> nonfinite_items;

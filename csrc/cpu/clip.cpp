@@ -11,7 +11,7 @@ ClipOutcome clip(const std::vector<Span>& spans, const ClipRequest& req) {
   const bool grouped = req.groups.n_groups > 0;
   auto group_of = [&](size_t s) { return grouped ? req.groups.group_of_span[s] : 0; };
 
-  out.norms = compute_norms(spans, req.order, req.groups);
+  out.norms = compute_norms(spans, req.order, req.groups, req.known);
   out.nonfinite_spans.resize(spans.size());
   for (size_t s = 0; s < spans.size(); ++s) {
     out.nonfinite_spans[s] = !std::isfinite(out.norms.per_span[s]);

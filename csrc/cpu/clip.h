@@ -33,6 +33,7 @@ struct ClipRequest {
   Grouping groups;
   NonfinitePolicy nonfinite = NonfinitePolicy::kPropagate;
   bool float32_total = false;  // the total is reported as float32 (see finite_as_reported)
+  const KnownPowerSums* known = nullptr;  // power sums computed beforehand (see compute_norms)
 };
 
 struct ClipOutcome {

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstddef>
+#include <thread>
 
 #include "core/thread_pool.h"
 #include "cpu/dispatch.h"
@@ -17,6 +18,12 @@ constexpr int64_t kChunkElems = int64_t(1) << 15;
 constexpr int64_t kTaskElems = int64_t(1) << 16;
 // Below this much work, waking the pool costs more than it saves.
 constexpr int64_t kParallelMinElems = int64_t(1) << 18;
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // Power sums below 2^-900 may have lost precision to float64 underflow; they are
 // recomputed with scaled elements.
 const double kTinyPowerSum = std::ldexp(1.0, -900);
@@ -119,6 +126,32 @@ double rescued_norm(const Span& s, NormOrder order) {
   return std::ldexp(root(fold_sum(lanes), order), e);
 }
 
+// One chunk's partial power sum: sum |x|^p, or max |x| for the inf norm.
+inline double chunk_power(const IsaKernels& isa, const Span& s, int64_t begin, int64_t n, NormOrder order) {
+  const void* x = element_ptr(s, begin);
+  const int d = int(s.dtype);
+  switch (order.kind) {
+    case NormOrder::kL2: return isa.sum_squares[d](x, n);
+    case NormOrder::kL1: return isa.sum_abs[d](x, n);
+    case NormOrder::kInf: return isa.max_abs[d](x, n);
+    case NormOrder::kP: return power_sum_generic(x, n, s.dtype, order.p);
+  }
+  return 0.0;
+}
+
+// Adds a chunk's partial into its span's power sum (chunks are added in order).
+inline void accumulate(double& acc, double partial, NormOrder order) {
+  acc = order.kind == NormOrder::kInf ? nan_max(acc, partial) : acc + partial;
+}
+
+// One span's power sum on the calling thread: exactly what power_sums() gives.
+double span_power_sum(const IsaKernels& isa, const Span& s, NormOrder order) {
+  double acc = 0.0;
+  for (int64_t b = 0; b < s.numel; b += kChunkElems)
+    accumulate(acc, chunk_power(isa, s, b, std::min(kChunkElems, s.numel - b), order), order);
+  return acc;
+}
+
 // Per selected span (all when `selected` is null), its power sum: sum |x|^p, or
 // max |x| for the inf norm. Unselected spans get 0.
 std::vector<double> power_sums(const std::vector<Span>& spans, NormOrder order, const std::vector<char>* selected) {
@@ -126,23 +159,11 @@ std::vector<double> power_sums(const std::vector<Span>& spans, NormOrder order, 
   const ChunkPlan plan(spans, selected);
   std::vector<double> partial(plan.chunks.size());
   plan.for_each([&](size_t c, const Chunk& ch) {
-    const Span& s = spans[ch.span];
-    const void* x = element_ptr(s, ch.begin);
-    const int d = int(s.dtype);
-    switch (order.kind) {
-      case NormOrder::kL2: partial[c] = isa.sum_squares[d](x, ch.n); break;
-      case NormOrder::kL1: partial[c] = isa.sum_abs[d](x, ch.n); break;
-      case NormOrder::kInf: partial[c] = isa.max_abs[d](x, ch.n); break;
-      case NormOrder::kP: partial[c] = power_sum_generic(x, ch.n, s.dtype, order.p); break;
-    }
+    partial[c] = chunk_power(isa, spans[ch.span], ch.begin, ch.n, order);
   });
   // Combine partials per span, in chunk order (chunks are laid out span by span).
-  const bool is_max = order.kind == NormOrder::kInf;
   std::vector<double> power_sum(spans.size(), 0.0);
-  for (size_t c = 0; c < plan.chunks.size(); ++c) {
-    double& acc = power_sum[plan.chunks[c].span];
-    acc = is_max ? nan_max(acc, partial[c]) : acc + partial[c];
-  }
+  for (size_t c = 0; c < plan.chunks.size(); ++c) accumulate(power_sum[plan.chunks[c].span], partial[c], order);
   return power_sum;
 }
 
@@ -222,9 +243,19 @@ double combine_norms(const std::vector<double>& norms, NormOrder order) {
   return std::ldexp(root(sum, order), e);
 }
 
-Norms compute_norms(const std::vector<Span>& spans, NormOrder order, const Grouping& groups) {
+Norms compute_norms(const std::vector<Span>& spans, NormOrder order, const Grouping& groups,
+                    const KnownPowerSums* known) {
   Norms n;
-  n.power_sum = power_sums(spans, order, nullptr);
+  if (known) {
+    std::vector<char> unknown(spans.size());
+    bool any = false;
+    for (size_t s = 0; s < spans.size(); ++s) any |= (unknown[s] = !known->known[s]) != 0;
+    n.power_sum = any ? power_sums(spans, order, &unknown) : std::vector<double>(spans.size(), 0.0);
+    for (size_t s = 0; s < spans.size(); ++s)
+      if (known->known[s]) n.power_sum[s] = known->value[s];
+  } else {
+    n.power_sum = power_sums(spans, order, nullptr);
+  }
   finish_norms(spans, order, groups, n);
   return n;
 }
@@ -235,6 +266,115 @@ void renorm_spans(const std::vector<Span>& spans, NormOrder order, const std::ve
   for (size_t s = 0; s < spans.size(); ++s)
     if (selected[s]) norms.power_sum[s] = redone[s];
   finish_norms(spans, order, groups, norms);
+}
+
+// ---- NormStream ----
+
+namespace {
+// A worker takes up to this many items at once, holding up to this many elements.
+constexpr int64_t kStreamBatchItems = 64;
+constexpr int64_t kStreamBatchElems = int64_t(1) << 14;
+// The reader publishes added items once they hold this many elements or are
+// this many: every store to published_ takes its cache line away from the
+// workers polling it.
+constexpr int64_t kPublishElems = int64_t(1) << 13;
+constexpr size_t kPublishItems = 16;
+// Workers start before kParallelMinElems are queued once this many are, with
+// at least this many items of the list still to read: the wake-up (tens of
+// microseconds on a VM) then hides behind reading them.
+constexpr int64_t kEarlyStartElems = int64_t(1) << 15;
+constexpr size_t kEarlyStartItemsLeft = 256;
+// Before reducing an item a worker prefetches up to this many bytes of the
+// next one: small tensors lie scattered, one page or less each, where the
+// hardware prefetcher does not reach.
+constexpr int64_t kPrefetchBytes = 4096;
+
+inline void prefetch_span(const Span& s) {
+  const char* p = static_cast<const char*>(s.data);
+  const int64_t n = std::min<int64_t>(kPrefetchBytes, s.numel * element_size(s.dtype));
+  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+}  // namespace
+
+NormStream::NormStream(NormOrder order) : order_(order) {}
+
+NormStream::~NormStream() { stop(); }
+
+void NormStream::reserve(size_t n) {
+  spans_.resize(n);
+  tags_.resize(n);
+  power_.resize(n);
+}
+
+void NormStream::add(int32_t tag, const Span& span) {
+  const size_t k = size_++;
+  spans_[k] = span;
+  tags_[k] = tag;
+  unpublished_elems_ += span.numel;
+  if (unpublished_elems_ >= kPublishElems || size_ - published_size_ >= kPublishItems) publish();
+  if (started_) return;
+  queued_elems_ += span.numel;
+  // Below kParallelMinElems waking the pool costs more than it saves, unless
+  // enough of the list is left to read.
+  if (queued_elems_ >= kParallelMinElems ||
+      (queued_elems_ >= kEarlyStartElems && spans_.size() - size_ >= kEarlyStartItemsLeft)) {
+    started_ = true;
+    task_ = [this](int64_t) { work(); };
+    // When the pool declines (one thread, or busy with another caller), close() does it all.
+    workers_running_ = ThreadPool::instance().start(ThreadPool::instance().num_threads(), task_);
+  }
+}
+
+void NormStream::publish() {
+  published_size_ = size_;
+  unpublished_elems_ = 0;
+  published_.store(static_cast<int64_t>(size_), std::memory_order_release);
+}
+
+void NormStream::work() {
+  const IsaKernels& isa = active_isa();
+  unsigned spins = 0;
+  for (;;) {
+    if (abort_.load(std::memory_order_relaxed)) return;
+    const bool closed = closed_.load(std::memory_order_acquire);  // before published_: then it is final
+    const int64_t avail = published_.load(std::memory_order_acquire);
+    int64_t i = next_.load(std::memory_order_relaxed);
+    if (i >= avail) {
+      if (closed) return;
+      // Ahead of the reader: wait for it, giving the core away now and then in
+      // case the reader shares it (more threads than cores).
+      if (++spins % 64 == 0) std::this_thread::yield();
+      cpu_relax();
+      continue;
+    }
+    int64_t end = i, elems = 0;
+    while (end < avail && end - i < kStreamBatchItems && elems < kStreamBatchElems) elems += spans_[end++].numel;
+    if (!next_.compare_exchange_weak(i, end, std::memory_order_relaxed)) continue;
+    for (int64_t k = i; k < end; ++k) {
+      if (k + 1 < end) prefetch_span(spans_[k + 1]);
+      power_[k] = span_power_sum(isa, spans_[k], order_);
+    }
+  }
+}
+
+void NormStream::finish_workers() {
+  if (workers_running_) {
+    workers_running_ = false;
+    ThreadPool::instance().finish();
+  }
+}
+
+void NormStream::close() {
+  publish();
+  closed_.store(true, std::memory_order_release);
+  work();  // the caller takes part; when it returns every item is taken
+  finish_workers();
+}
+
+void NormStream::stop() {
+  abort_.store(true, std::memory_order_relaxed);
+  closed_.store(true, std::memory_order_release);
+  finish_workers();
 }
 
 namespace {
