@@ -218,6 +218,7 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
       Py_DECREF(obj);
       return;  // like torch: parameters without a gradient are skipped
     }
+    if (owned_.empty()) owned_.reserve(PySequence_Fast_GET_SIZE(fast_));
     owned_.push_back(obj);
   } else if (obj == Py_None) {
     fail_type("is None; expected a tensor or array");
@@ -248,6 +249,7 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
       PyErr_Clear();
       fail_value("cannot be read through the buffer protocol (" + why + ")");
     }
+    if (buffers_.empty()) buffers_.reserve(PySequence_Fast_GET_SIZE(fast_));  // no regrowth copies
     buffers_.push_back(view);
     Py_buffer& v = buffers_.back();
     const char* fmt = v.format ? v.format : "B";
@@ -262,15 +264,16 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
     if (dt.code != dlpack::kFloat)
       fail_type("array of buffer format '" + std::string(v.format ? v.format : "B") + "' (" + dtype_text(dt) +
                 ") cannot be clipped; " + kAccepted);
-    // Buffer strides are in bytes; DLPack's (and ours) in elements.
-    owned_strides_.emplace_back(v.ndim);
-    std::vector<int64_t>& es = owned_strides_.back();
+    // Buffer strides are in bytes; DLPack's (and ours) in elements. They are
+    // only read below, in this call: a scratch array will do.
+    if (static_cast<size_t>(v.ndim) > element_strides_.size()) element_strides_.resize(v.ndim);
     for (int d = 0; d < v.ndim; ++d) {
       if (v.strides[d] % v.itemsize != 0) fail_value("byte strides that are not a multiple of the element size");
-      es[d] = v.strides[d] / v.itemsize;
+      element_strides_[d] = v.strides[d] / v.itemsize;
     }
     static_assert(sizeof(Py_ssize_t) == sizeof(int64_t), "shape arrays are reinterpreted");
-    raw = {v.buf, {dlpack::kCPU, 0}, v.ndim, dt, reinterpret_cast<const int64_t*>(v.shape), es.data(), false};
+    raw = {v.buf, {dlpack::kCPU, 0}, v.ndim, dt, reinterpret_cast<const int64_t*>(v.shape), element_strides_.data(),
+           false};
   } else {
     // Any other DLPack producer, through the versioned capsule protocol (~3 us).
     static PyObject* dlpack_name = PyUnicode_InternFromString("__dlpack__");

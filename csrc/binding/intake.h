@@ -77,7 +77,7 @@ class Intake {
   // keeps (its gradients) and for allocators that reuse memory in stream order.
   std::vector<PyObject*> owned_;
   std::vector<Py_buffer> buffers_;    // buffer-protocol views to release
-  std::vector<std::vector<int64_t>> owned_strides_;  // element strides of buffer views
+  std::vector<int64_t> element_strides_;  // scratch: the strides of the buffer view being taken
   int32_t device_item_ = -1;  // list index of the first tensor seen (for messages)
   cpu::NormStream* stream_ = nullptr;
 };
