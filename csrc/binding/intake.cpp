@@ -171,12 +171,13 @@ Intake::Intake(PyObject* sequence, const IntakeOptions& options) {
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast_);
   if (n > INT32_MAX) throw py::value_error(std::string(options.argname) + ": too many tensors");
   PyObject** items = PySequence_Fast_ITEMS(fast_);
-  spans.reserve(n);
-  span_of_entry.reserve(n);
-  list_index_of_entry.reserve(n);
+  const size_t capacity = options.only_items ? options.only_items->size() : size_t(n);
+  entry_spans_.reserve(capacity);  // never reallocated: a stream reads it meanwhile
+  span_of_entry.reserve(capacity);
+  list_index_of_entry.reserve(capacity);
   stream_ = options.stream;
   try {
-    if (stream_) stream_->reserve(options.only_items ? options.only_items->size() : n);
+    if (stream_) stream_->attach(entry_spans_.data(), capacity);
     if (options.only_items) {
       for (int32_t i : *options.only_items) take(items[i], i, options);
     } else {
@@ -359,11 +360,10 @@ void Intake::take(PyObject* item, int32_t list_index, const IntakeOptions& optio
     rows_of_entry.push_back(rows);
   }
   dtype_mask |= 1u << int(dtype);
-  const int32_t entry = static_cast<int32_t>(spans.size());
   span_of_entry.push_back(-1);  // assigned by deduplicate()
   list_index_of_entry.push_back(list_index);
-  spans.push_back({layout.numel > 0 ? base : nullptr, layout.numel, dtype});
-  if (stream_ && device == kHost && cpu::NormStream::takes(layout.numel)) stream_->add(entry, spans.back());
+  entry_spans_.push_back({layout.numel > 0 ? base : nullptr, layout.numel, dtype});
+  if (stream_ && device == kHost) stream_->added(entry_spans_.size());
 }
 
 namespace {
@@ -386,22 +386,24 @@ void Intake::check_device(int32_t dev, PyObject* obj, int32_t list_index, const 
 }
 
 void Intake::deduplicate(const IntakeOptions& options) {
-  // Until here spans[e] belongs to entry e. Sort the non-empty ones by address
-  // to find repeats (same memory, same dtype) and partial overlaps.
+  // Sort the non-empty entries by address to find repeats (same memory, same
+  // dtype) and partial overlaps.
+  const std::vector<Span>& entries = entry_spans_;
   struct Range { uintptr_t begin, end; int32_t entry; };
   std::vector<Range> ranges;
-  ranges.reserve(spans.size());
-  for (size_t e = 0; e < spans.size(); ++e) {
-    if (spans[e].numel == 0) continue;
-    const uintptr_t b = reinterpret_cast<uintptr_t>(spans[e].data);
-    ranges.push_back({b, b + uintptr_t(spans[e].numel * element_size(spans[e].dtype)), int32_t(e)});
+  ranges.reserve(entries.size());
+  for (size_t e = 0; e < entries.size(); ++e) {
+    if (entries[e].numel == 0) continue;
+    const uintptr_t b = reinterpret_cast<uintptr_t>(entries[e].data);
+    ranges.push_back({b, b + uintptr_t(entries[e].numel * element_size(entries[e].dtype)), int32_t(e)});
   }
   auto by_address = [](const Range& a, const Range& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end != b.end ? a.end < b.end : a.entry < b.entry;
   };
   if (!std::is_sorted(ranges.begin(), ranges.end(), by_address)) std::sort(ranges.begin(), ranges.end(), by_address);
 
-  std::vector<int32_t> alias_of(spans.size(), -1);  // entry -> earlier entry with the same memory
+  std::vector<int32_t> alias_of(entries.size(), -1);  // entry -> earlier entry with the same memory
+  bool any_alias = false;
   uintptr_t reach = 0;                              // furthest end so far
   int32_t reach_entry = -1;
   for (size_t r = 0; r < ranges.size(); ++r) {
@@ -409,8 +411,9 @@ void Intake::deduplicate(const IntakeOptions& options) {
     if (r > 0) {
       const Range& prev = ranges[r - 1];
       if (cur.begin == prev.begin && cur.end == prev.end &&
-          spans[cur.entry].dtype == spans[prev.entry].dtype) {
+          entries[cur.entry].dtype == entries[prev.entry].dtype) {
         alias_of[cur.entry] = alias_of[prev.entry] >= 0 ? alias_of[prev.entry] : prev.entry;
+        any_alias = true;
         continue;
       }
       if (cur.begin < reach) {
@@ -428,36 +431,35 @@ void Intake::deduplicate(const IntakeOptions& options) {
   }
 
   // Unique spans in list order, so the summation order never depends on addresses.
-  std::vector<Span> unique;
-  unique.reserve(spans.size());
-  for (size_t e = 0; e < spans.size(); ++e) {
+  if (!any_alias) {
+    spans = entries;
+    for (size_t e = 0; e < entries.size(); ++e) span_of_entry[e] = static_cast<int32_t>(e);
+    return;
+  }
+  spans.clear();
+  spans.reserve(entries.size());
+  first_entry_.clear();
+  for (size_t e = 0; e < entries.size(); ++e) {
     if (alias_of[e] >= 0) {
       span_of_entry[e] = span_of_entry[alias_of[e]];
     } else {
-      span_of_entry[e] = static_cast<int32_t>(unique.size());
-      unique.push_back(spans[e]);
+      span_of_entry[e] = static_cast<int32_t>(spans.size());
+      spans.push_back(entries[e]);
+      first_entry_.push_back(static_cast<int32_t>(e));
     }
   }
-  spans.swap(unique);
 }
 
-cpu::KnownPowerSums known_power_sums(const Intake& in, const cpu::NormStream& stream) {
-  cpu::KnownPowerSums k;
-  k.known.assign(in.spans.size(), 0);
-  k.value.assign(in.spans.size(), 0.0);
-  // Unique spans are numbered in order of first appearance: entry e is the
-  // first of its span when that span is the next number not yet seen.
-  std::vector<int32_t> first_entry(in.spans.size(), -1);
-  int32_t seen = 0;
-  for (size_t e = 0; e < in.span_of_entry.size(); ++e)
-    if (in.span_of_entry[e] == seen) first_entry[seen++] = static_cast<int32_t>(e);
-  std::vector<int32_t> item_of_entry(in.span_of_entry.size(), -1);
-  for (size_t k = 0; k < stream.size(); ++k) item_of_entry[stream.tags()[k]] = static_cast<int32_t>(k);
+std::unique_ptr<cpu::KnownPowerSums> close_stream(const Intake& in, cpu::NormStream& stream) {
+  if (!stream.close(in.span_of_entry.size())) return nullptr;
+  auto k = std::make_unique<cpu::KnownPowerSums>();
+  k->known.resize(in.spans.size());
+  k->value.resize(in.spans.size());
   for (size_t s = 0; s < in.spans.size(); ++s) {
-    const int32_t item = item_of_entry[first_entry[s]];
-    if (item < 0) continue;
-    k.known[s] = 1;
-    k.value[s] = stream.power_sums()[item];
+    const int32_t e = in.first_entry_of_span(s);
+    const bool known = cpu::NormStream::takes(in.spans[s].numel);  // the entry's span, as the stream saw it
+    k->known[s] = known;
+    k->value[s] = known ? stream.power_sum(e) : 0.0;
   }
   return k;
 }

@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -34,9 +35,9 @@ struct IntakeOptions {
   // When set, only these items of the sequence are taken (in this order); the
   // others are neither read nor checked. Messages keep the items' own indices.
   const std::vector<int32_t>* only_items = nullptr;
-  // When set, every accepted host-memory span small enough for it is add()ed
-  // to this stream as soon as it is validated, tagged with its entry number,
-  // so that worker threads reduce it while the rest of the list is read.
+  // When set, the stream sees every accepted (host-memory) entry as soon as it
+  // is validated, so that worker threads reduce it while the rest of the list
+  // is read. The caller closes the stream once the Intake is built.
   cpu::NormStream* stream = nullptr;
 };
 
@@ -52,6 +53,8 @@ class Intake {
   std::vector<Span> spans;
   // One per accepted element (None grads are skipped), in list order.
   std::vector<int32_t> span_of_entry;
+  // Per unique span, its first entry.
+  int32_t first_entry_of_span(size_t s) const { return first_entry_.empty() ? int32_t(s) : first_entry_[s]; }
   std::vector<int32_t> list_index_of_entry;
   std::vector<int64_t> rows_of_entry;  // filled only with IntakeOptions::rows
   uint32_t dtype_mask = 0;  // bit (1 << DType) for each dtype seen
@@ -78,13 +81,15 @@ class Intake {
   std::vector<PyObject*> owned_;
   std::vector<Py_buffer> buffers_;    // buffer-protocol views to release
   std::vector<int64_t> element_strides_;  // scratch: the strides of the buffer view being taken
+  std::vector<Span> entry_spans_;         // per entry, in list order (a stream reads them)
+  std::vector<int32_t> first_entry_;      // per unique span; empty when there are no repeats
   int32_t device_item_ = -1;  // list index of the first tensor seen (for messages)
   cpu::NormStream* stream_ = nullptr;
 };
 
-// The power sums a closed stream computed, per unique span of `in` (a span is
-// known when its first entry was streamed).
-cpu::KnownPowerSums known_power_sums(const Intake& in, const cpu::NormStream& stream);
+// Closes `stream` (which `in` fed) and returns the power sums it computed,
+// per unique span of `in`; null when it computed none.
+std::unique_ptr<cpu::KnownPowerSums> close_stream(const Intake& in, cpu::NormStream& stream);
 
 // Label used in messages, e.g. "parameters[3].grad".
 std::string item_label(const IntakeOptions& options, int64_t index);

@@ -78,9 +78,8 @@ py::dict norms(py::handle seq, double p, const char* argname, bool grad_attr, bo
   cpu::Norms r;
   {
     py::gil_scoped_release nogil;
-    stream.close();
-    const cpu::KnownPowerSums known = binding::known_power_sums(in, stream);
-    r = cpu::compute_norms(in.spans, order, {}, &known);
+    const auto known = binding::close_stream(in, stream);
+    r = cpu::compute_norms(in.spans, order, {}, known.get());
   }
   py::dict d = describe(in);
   d["total"] = r.total;
@@ -189,9 +188,8 @@ py::dict clip_norm(py::handle seq, double max_norm, double p, double eps, const 
   cpu::ClipOutcome r;
   {
     py::gil_scoped_release nogil;
-    stream.close();
-    const cpu::KnownPowerSums known = binding::known_power_sums(in, stream);
-    req.known = &known;
+    const auto known = binding::close_stream(in, stream);
+    req.known = known.get();
     r = cpu::clip(in.spans, req);
   }
   py::dict d = describe(in);
@@ -334,9 +332,8 @@ py::dict clip(py::handle seq, const std::vector<double>& limits, py::object grou
     r = clip_on_cuda(in, req, argname);
   } else {
     py::gil_scoped_release nogil;
-    stream.close();
-    const cpu::KnownPowerSums known = binding::known_power_sums(in, stream);
-    req.known = &known;
+    const auto known = binding::close_stream(in, stream);
+    req.known = known.get();
     r = cpu::clip(in.spans, req);
   }
   std::vector<int32_t> nonfinite_items;

@@ -250,9 +250,13 @@ Norms compute_norms(const std::vector<Span>& spans, NormOrder order, const Group
     std::vector<char> unknown(spans.size());
     bool any = false;
     for (size_t s = 0; s < spans.size(); ++s) any |= (unknown[s] = !known->known[s]) != 0;
-    n.power_sum = any ? power_sums(spans, order, &unknown) : std::vector<double>(spans.size(), 0.0);
-    for (size_t s = 0; s < spans.size(); ++s)
-      if (known->known[s]) n.power_sum[s] = known->value[s];
+    if (any) {
+      n.power_sum = power_sums(spans, order, &unknown);
+      for (size_t s = 0; s < spans.size(); ++s)
+        if (known->known[s]) n.power_sum[s] = known->value[s];
+    } else {
+      n.power_sum = known->value;
+    }
   } else {
     n.power_sum = power_sums(spans, order, nullptr);
   }
@@ -271,21 +275,16 @@ void renorm_spans(const std::vector<Span>& spans, NormOrder order, const std::ve
 // ---- NormStream ----
 
 namespace {
-// A worker takes up to this many items at once, holding up to this many elements.
+// A worker takes up to this many entries at once, holding up to this many elements.
 constexpr int64_t kStreamBatchItems = 64;
 constexpr int64_t kStreamBatchElems = int64_t(1) << 14;
-// The reader publishes added items once they hold this many elements or are
-// this many: every store to published_ takes its cache line away from the
-// workers polling it.
-constexpr int64_t kPublishElems = int64_t(1) << 13;
-constexpr size_t kPublishItems = 16;
-// Workers start before kParallelMinElems are queued once this many are, with
-// at least this many items of the list still to read: the wake-up (tens of
-// microseconds on a VM) then hides behind reading them.
+// Workers start before kParallelMinElems are published once this many are,
+// with at least this many entries of the list still to read: the wake-up
+// (tens of microseconds on a VM) then hides behind reading them.
 constexpr int64_t kEarlyStartElems = int64_t(1) << 15;
 constexpr size_t kEarlyStartItemsLeft = 256;
-// Before reducing an item a worker prefetches up to this many bytes of the
-// next one: small tensors lie scattered, one page or less each, where the
+// Before reducing a span a worker prefetches up to this many bytes of the
+// next one: small tensors lie scattered, a page or less each, where the
 // hardware prefetcher does not reach.
 constexpr int64_t kPrefetchBytes = 4096;
 
@@ -300,39 +299,42 @@ NormStream::NormStream(NormOrder order) : order_(order) {}
 
 NormStream::~NormStream() { stop(); }
 
-void NormStream::reserve(size_t n) {
-  spans_.resize(n);
-  tags_.resize(n);
-  power_.resize(n);
+void NormStream::attach(const Span* entries, size_t capacity) {
+  entries_ = entries;
+  capacity_ = capacity;
 }
 
-void NormStream::add(int32_t tag, const Span& span) {
-  const size_t k = size_++;
-  spans_[k] = span;
-  tags_[k] = tag;
-  unpublished_elems_ += span.numel;
-  if (unpublished_elems_ >= kPublishElems || size_ - published_size_ >= kPublishItems) publish();
-  if (started_) return;
-  queued_elems_ += span.numel;
+void NormStream::publish(size_t count) {
+  unpublished_elems_ = 0;
+  if (!started_) {
+    for (size_t e = published_count_; e < count; ++e)
+      if (takes(entries_[e].numel)) queued_elems_ += entries_[e].numel;
+    published_count_ = count;
+    maybe_start(count);
+    return;
+  }
+  published_count_ = count;
+  published_.store(static_cast<int64_t>(count), std::memory_order_release);
+}
+
+void NormStream::maybe_start(size_t count) {
   // Below kParallelMinElems waking the pool costs more than it saves, unless
   // enough of the list is left to read.
-  if (queued_elems_ >= kParallelMinElems ||
-      (queued_elems_ >= kEarlyStartElems && spans_.size() - size_ >= kEarlyStartItemsLeft)) {
-    started_ = true;
-    task_ = [this](int64_t) { work(); };
-    // When the pool declines (one thread, or busy with another caller), close() does it all.
-    workers_running_ = ThreadPool::instance().start(ThreadPool::instance().num_threads(), task_);
-  }
-}
-
-void NormStream::publish() {
-  published_size_ = size_;
-  unpublished_elems_ = 0;
-  published_.store(static_cast<int64_t>(size_), std::memory_order_release);
+  if (queued_elems_ < kParallelMinElems &&
+      !(queued_elems_ >= kEarlyStartElems && capacity_ - count >= kEarlyStartItemsLeft))
+    return;
+  started_ = true;
+  power_.reset(new double[capacity_]);
+  published_.store(static_cast<int64_t>(count), std::memory_order_release);
+  task_ = [this](int64_t) { work(); };
+  // When the pool declines (one thread, or busy with another caller), close() does it all.
+  workers_running_ = ThreadPool::instance().start(ThreadPool::instance().num_threads(), task_);
 }
 
 void NormStream::work() {
   const IsaKernels& isa = active_isa();
+  const Span* entries = entries_;
+  double* power = power_.get();
   unsigned spins = 0;
   for (;;) {
     if (abort_.load(std::memory_order_relaxed)) return;
@@ -348,11 +350,13 @@ void NormStream::work() {
       continue;
     }
     int64_t end = i, elems = 0;
-    while (end < avail && end - i < kStreamBatchItems && elems < kStreamBatchElems) elems += spans_[end++].numel;
+    while (end < avail && end - i < kStreamBatchItems && elems < kStreamBatchElems) elems += entries[end++].numel;
     if (!next_.compare_exchange_weak(i, end, std::memory_order_relaxed)) continue;
     for (int64_t k = i; k < end; ++k) {
-      if (k + 1 < end) prefetch_span(spans_[k + 1]);
-      power_[k] = span_power_sum(isa, spans_[k], order_);
+      const Span& s = entries[k];
+      if (!takes(s.numel)) continue;
+      if (k + 1 < end && takes(entries[k + 1].numel)) prefetch_span(entries[k + 1]);
+      power[k] = span_power_sum(isa, s, order_);
     }
   }
 }
@@ -364,11 +368,13 @@ void NormStream::finish_workers() {
   }
 }
 
-void NormStream::close() {
-  publish();
+bool NormStream::close(size_t count) {
+  if (!started_) return false;
+  published_.store(static_cast<int64_t>(count), std::memory_order_release);
   closed_.store(true, std::memory_order_release);
-  work();  // the caller takes part; when it returns every item is taken
+  work();  // the caller takes part; when it returns every entry is taken
   finish_workers();
+  return true;
 }
 
 void NormStream::stop() {
