@@ -16,11 +16,13 @@ namespace gradclip::cpu {
 
 constexpr int kLanes = 16;
 
-// One contiguous block of one dtype; `n` may be anything from 0 up.
-using ReduceFn = double (*)(const void* x, int64_t n);
-using ScaleFn = void (*)(void* x, int64_t n, double coef);
+// One contiguous block of one dtype; `n` may be anything from 0 up. `extent`
+// (>= n) is how many elements of the same tensor start at x: the kernels
+// prefetch ahead up to there and no further (see kernels_impl.h).
+using ReduceFn = double (*)(const void* x, int64_t n, int64_t extent);
+using ScaleFn = void (*)(void* x, int64_t n, int64_t extent, double coef);
 // Returns true when at least one element was outside [lo, hi] (and so rewritten).
-using ClampFn = bool (*)(void* x, int64_t n, double lo, double hi);
+using ClampFn = bool (*)(void* x, int64_t n, int64_t extent, double lo, double hi);
 
 struct IsaKernels {
   const char* name;

@@ -39,14 +39,33 @@ static inline void from_compute(float v, bf16_t* out) { out->bits = float_to_bf1
 // then reached only ~40% of one core's DRAM bandwidth. Measured on a 2-core
 // Xeon, one thread, 32M elements: bf16 sum of squares 6.5 -> 17 GB/s, float16
 // 6.7 -> 16-18, float32 15.9 -> 18, float64 13.9 -> 18 (distances of 512 to
-// 4096 bytes: 2048 best or level). A prefetch never faults, so running past
-// the end of a block is harmless.
+// 4096 bytes: 2048 best or level). A prefetch never faults, but one past the
+// end of the tensor fetches memory nobody asked for: in a list of small
+// tensors that is another tensor's (or no tensor's) memory, half as much again
+// for a 4 KiB tensor. So prefetches stop at the tensor's end (`extent`
+// elements from the block's start), and run on past the block's end when the
+// tensor goes on (the next chunk), where stopping would stall every chunk's start.
 // One prefetch per cache line of an iteration's 16 elements (float64: two).
 constexpr int kPrefetchBytes = 2048;
 template <class T>
 static inline void prefetch_ahead(const T* p) {
   const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
   for (int line = 0; line < int(kLanes * sizeof(T)); line += 64) __builtin_prefetch(ahead + line);
+}
+// Runs body(i) for i = 0, kStep, 2 kStep, ... while i + kStep <= n, and
+// returns where it stopped. Iterations whose prefetch would land inside the
+// tensor (`extent` elements from x) prefetch; the last ones do not.
+template <class T, int kStep, class Body>
+static inline int64_t stream_blocks(const T* x, int64_t n, int64_t extent, Body&& body) {
+  const int64_t limit = extent - kPrefetchBytes / int64_t(sizeof(T));
+  const int64_t m = limit < n ? limit : n;
+  int64_t i = 0;
+  for (; i + kStep <= m; i += kStep) {
+    prefetch_ahead(x + i);
+    body(i);
+  }
+  for (; i + kStep <= n; i += kStep) body(i);
+  return i;
 }
 
 // ---- reductions (see the lane contract in isa_kernels.h) ----
@@ -61,14 +80,10 @@ struct AbsOp {
 };
 
 template <class T, class Op>
-static double reduce_sum(const void* data, int64_t n) {
+static double reduce_sum(const void* data, int64_t n, int64_t extent) {
   const T* x = static_cast<const T*>(data);
   F64v acc = zero_f64();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    prefetch_ahead(x + i);
-    acc = Op::step(acc, load_f64(x + i));
-  }
+  int64_t i = stream_blocks<T, kLanes>(x, n, extent, [&](int64_t j) { acc = Op::step(acc, load_f64(x + j)); });
   alignas(64) double lanes[kLanes];
   store_lanes(lanes, acc);
   for (int k = 0; i < n; ++i, ++k) lanes[k] = Op::scalar(lanes[k], to_double(x[i]));
@@ -76,17 +91,15 @@ static double reduce_sum(const void* data, int64_t n) {
 }
 
 template <class T>
-static double reduce_max_abs(const void* data, int64_t n) {
+static double reduce_max_abs(const void* data, int64_t n, int64_t extent) {
   const T* x = static_cast<const T*>(data);
   F64v acc = zero_f64();
   F64v nan_seen = zero_f64();  // all-ones lanes where a NaN was loaded
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    prefetch_ahead(x + i);
-    const F64v v = load_f64(x + i);
+  int64_t i = stream_blocks<T, kLanes>(x, n, extent, [&](int64_t j) {
+    const F64v v = load_f64(x + j);
     acc = max_v(acc, abs_v(v));
     nan_seen = unordered_or(nan_seen, v);
-  }
+  });
   alignas(64) double lanes[kLanes];
   alignas(64) double nans[kLanes];
   store_lanes(lanes, acc);
@@ -109,15 +122,11 @@ static double reduce_max_abs(const void* data, int64_t n) {
 // ---- elementwise in-place updates ----
 
 template <class T>
-static void scale_block(void* data, int64_t n, double coef) {
+static void scale_block(void* data, int64_t n, int64_t extent, double coef) {
   using C = typename Compute<T>::type;
   T* x = static_cast<T*>(data);
   const C c = static_cast<C>(coef);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    prefetch_ahead(x + i);
-    store_c(x + i, mul_c(load_c(x + i), c));
-  }
+  int64_t i = stream_blocks<T, kLanes>(x, n, extent, [&](int64_t j) { store_c(x + j, mul_c(load_c(x + j), c)); });
   for (; i < n; ++i) from_compute(static_cast<C>(to_compute(x[i]) * c), x + i);
 }
 
@@ -127,20 +136,18 @@ static void scale_block(void* data, int64_t n, double coef) {
 
 // float32 / float64: compared in the compute type, 16 elements a block.
 template <class T>
-static bool clamp_block(void* data, int64_t n, double lo_d, double hi_d) {
+static bool clamp_block(void* data, int64_t n, int64_t extent, double lo_d, double hi_d) {
   using C = typename Compute<T>::type;
   T* x = static_cast<T*>(data);
   const C lo = static_cast<C>(lo_d), hi = static_cast<C>(hi_d);
   bool changed = false;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    prefetch_ahead(x + i);
-    const auto v = load_c(x + i);
+  int64_t i = stream_blocks<T, kLanes>(x, n, extent, [&](int64_t j) {
+    const auto v = load_c(x + j);
     if (outside_c(v, lo, hi)) {
-      store_c(x + i, clamp_c(v, lo, hi));
+      store_c(x + j, clamp_c(v, lo, hi));
       changed = true;
     }
-  }
+  });
   for (; i < n; ++i) {
     const C v = to_compute(x[i]);
     if (v < lo) { from_compute(lo, x + i); changed = true; }
@@ -152,25 +159,23 @@ static bool clamp_block(void* data, int64_t n, double lo_d, double hi_d) {
 // float16 / bfloat16: compared as order keys of the raw patterns, kLanes16 a
 // block, and a clamped lane takes the bound's pattern (see cpu/bits16.h).
 template <class T>
-static bool clamp_bits16(void* data, int64_t n, double lo_d, double hi_d) {
+static bool clamp_bits16(void* data, int64_t n, int64_t extent, double lo_d, double hi_d) {
   uint16_t* x = static_cast<uint16_t*>(data);
   const Bits16Clamp c = bits16_clamp<T>(lo_d, hi_d);
   const B16v lo = splat_b16(c.lo), hi = splat_b16(c.hi), inf = splat_b16(c.inf);
   const B16v lo_key = splat_b16(uint16_t(c.lo_key)), hi_key = splat_b16(uint16_t(c.hi_key));
   bool changed = false;
-  int64_t i = 0;
-  for (; i + kLanes16 <= n; i += kLanes16) {
-    prefetch_ahead(x + i);
-    const B16v v = load_b16(x + i);
+  int64_t i = stream_blocks<uint16_t, kLanes16>(x, n, extent, [&](int64_t j) {
+    const B16v v = load_b16(x + j);
     const B16v key = key_b16(v);
     const M16 ok = ordered_b16(v, inf);
     const M16 below = lt_b16(ok, key, lo_key), above = lt_b16(ok, hi_key, key);
     if (any_b16(below, above)) {
       // `below` last, as in clamp_one16().
-      store_b16(x + i, select_b16(select_b16(v, above, hi), below, lo));
+      store_b16(x + j, select_b16(select_b16(v, above, hi), below, lo));
       changed = true;
     }
-  }
+  });
   for (; i < n; ++i) changed |= clamp_one16(x + i, c);
   return changed;
 }

@@ -117,7 +117,8 @@ double rescued_norm(const Span& s, NormOrder order) {
   const IsaKernels& isa = active_isa();
   double max_abs = 0.0;
   for (int64_t b = 0; b < s.numel; b += kChunkElems)
-    max_abs = nan_max(max_abs, isa.max_abs[int(s.dtype)](element_ptr(s, b), std::min(kChunkElems, s.numel - b)));
+    max_abs = nan_max(max_abs,
+                      isa.max_abs[int(s.dtype)](element_ptr(s, b), std::min(kChunkElems, s.numel - b), s.numel - b));
   if (max_abs == 0.0 || !std::isfinite(max_abs)) return max_abs;
   const int e = std::ilogb(max_abs);
   double lanes[kLanes] = {};
@@ -130,10 +131,11 @@ double rescued_norm(const Span& s, NormOrder order) {
 inline double chunk_power(const IsaKernels& isa, const Span& s, int64_t begin, int64_t n, NormOrder order) {
   const void* x = element_ptr(s, begin);
   const int d = int(s.dtype);
+  const int64_t extent = s.numel - begin;
   switch (order.kind) {
-    case NormOrder::kL2: return isa.sum_squares[d](x, n);
-    case NormOrder::kL1: return isa.sum_abs[d](x, n);
-    case NormOrder::kInf: return isa.max_abs[d](x, n);
+    case NormOrder::kL2: return isa.sum_squares[d](x, n, extent);
+    case NormOrder::kL1: return isa.sum_abs[d](x, n, extent);
+    case NormOrder::kInf: return isa.max_abs[d](x, n, extent);
     case NormOrder::kP: return power_sum_generic(x, n, s.dtype, order.p);
   }
   return 0.0;
@@ -428,7 +430,7 @@ void scale(const std::vector<Span>& spans, const std::vector<double>& coefs) {
   const ChunkPlan plan(spans, &selected);
   plan.for_each([&](size_t, const Chunk& ch) {
     const Span& s = spans[ch.span];
-    isa.scale[int(s.dtype)](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, coefs[ch.span]);
+    isa.scale[int(s.dtype)](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, s.numel - ch.begin, coefs[ch.span]);
   });
 }
 
@@ -441,7 +443,7 @@ bool clamp_symmetric(const std::vector<Span>& spans, const std::vector<double>& 
   plan.for_each([&](size_t, const Chunk& ch) {
     const Span& s = spans[ch.span];
     const double hi = hi_of[ch.span];
-    if (isa.clamp[int(s.dtype)](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, -hi, hi))
+    if (isa.clamp[int(s.dtype)](const_cast<char*>(element_ptr(s, ch.begin)), ch.n, s.numel - ch.begin, -hi, hi))
       changed.store(true, std::memory_order_relaxed);
   });
   return changed.load();
