@@ -37,7 +37,10 @@ struct IntakeOptions {
   const std::vector<int32_t>* only_items = nullptr;
   // When set, the stream sees every accepted (host-memory) entry as soon as it
   // is validated, so that worker threads reduce it while the rest of the list
-  // is read. The caller closes the stream once the Intake is built.
+  // is read. The caller closes the stream once the Intake is built. Python
+  // code that runs while the list is read (a .grad property, a __dlpack__
+  // method) must then not write to tensors earlier in the list: whether the
+  // norm sees such a write would depend on timing (before, it always did).
   cpu::NormStream* stream = nullptr;
 };
 
