@@ -19,12 +19,6 @@ namespace {
 // sleeping thread costs tens of microseconds on a VM.
 constexpr auto kSpinBeforeSleep = std::chrono::microseconds(100);
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
 }  // namespace
 
 struct ThreadPool::State {

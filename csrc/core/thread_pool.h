@@ -7,6 +7,13 @@
 
 namespace gradclip {
 
+// One step of a spin-wait loop: tells the core it may yield to its sibling.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 class ThreadPool {
  public:
   // The process-wide pool. After fork() the child gets a fresh one (the parent's

@@ -16,6 +16,11 @@ namespace gradclip::cpu {
 
 constexpr int kLanes = 16;
 
+// How far ahead the streaming loops prefetch (the measurements are in
+// kernels_impl.h). NormStream prefetches the first kPrefetchBytes of each small
+// tensor itself, the part the kernels' own prefetches never cover.
+constexpr int64_t kPrefetchBytes = 2048;
+
 // One contiguous block of one dtype; `n` may be anything from 0 up. `extent`
 // (>= n) is how many elements of the same tensor start at x: the kernels
 // prefetch ahead up to there and no further (see kernels_impl.h).

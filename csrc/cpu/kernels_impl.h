@@ -46,7 +46,7 @@ static inline void from_compute(float v, bf16_t* out) { out->bits = float_to_bf1
 // elements from the block's start), and run on past the block's end when the
 // tensor goes on (the next chunk), where stopping would stall every chunk's start.
 // One prefetch per cache line of an iteration's 16 elements (float64: two).
-constexpr int kPrefetchBytes = 2048;
+// (kPrefetchBytes: isa_kernels.h.)
 template <class T>
 static inline void prefetch_ahead(const T* p) {
   const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;

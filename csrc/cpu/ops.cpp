@@ -18,12 +18,6 @@ constexpr int64_t kChunkElems = int64_t(1) << 15;
 constexpr int64_t kTaskElems = int64_t(1) << 16;
 // Below this much work, waking the pool costs more than it saves.
 constexpr int64_t kParallelMinElems = int64_t(1) << 18;
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
 // Power sums below 2^-900 may have lost precision to float64 underflow; they are
 // recomputed with scaled elements.
 const double kTinyPowerSum = std::ldexp(1.0, -900);
@@ -285,11 +279,10 @@ constexpr int64_t kStreamBatchElems = int64_t(1) << 14;
 // (tens of microseconds on a VM) then hides behind reading them.
 constexpr int64_t kEarlyStartElems = int64_t(1) << 15;
 constexpr size_t kEarlyStartItemsLeft = 256;
-// Before reducing a span a worker prefetches up to this many bytes of the
-// next one: small tensors lie scattered, a page or less each, where the
-// hardware prefetcher does not reach. The kernels prefetch the rest of a span
-// from 2 KiB on (kernels_impl.h); 2 KiB here measured better than 4 KiB or none.
-constexpr int64_t kPrefetchBytes = 2048;
+// Before reducing a span a worker prefetches its first kPrefetchBytes
+// (isa_kernels.h) of the next one: small tensors lie scattered, a page or less
+// each, where the hardware prefetcher does not reach, and the kernels prefetch
+// only from there on. 2 KiB here measured better than 4 KiB or none.
 
 inline void prefetch_span(const Span& s) {
   const char* p = static_cast<const char*>(s.data);
