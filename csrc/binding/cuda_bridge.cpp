@@ -51,7 +51,7 @@ void run_on_cuda(const Intake& in, CudaJob& job, py::dict& result) {
   }
 
   // Outputs, laid out as [total][per group][per tensor], 8-byte aligned.
-  const bool f64 = job.force_f64 || (in.dtype_mask & (1u << int(DType::kF64))) != 0;
+  const bool f64 = job.force_f64 || in.has_f64();
   const int64_t es = f64 ? 8 : 4;
   int64_t at = 0, total_offset = -1, group_offset = -1, tensor_offset = -1, flags_offset = -1;
   if (job.want_total) { total_offset = at; at = align8(at + es); }

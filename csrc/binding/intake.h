@@ -61,6 +61,8 @@ class Intake {
   std::vector<int32_t> list_index_of_entry;
   std::vector<int64_t> rows_of_entry;  // filled only with IntakeOptions::rows
   uint32_t dtype_mask = 0;  // bit (1 << DType) for each dtype seen
+  // Results are float64 when some input is, else float32.
+  bool has_f64() const { return (dtype_mask & (1u << int(DType::kF64))) != 0; }
 
   // Where the tensors are: host memory (kHost) or one CUDA device (its
   // number). One call takes tensors on one device; mixing is refused.

@@ -170,7 +170,7 @@ py::dict clip_norm(py::handle seq, double max_norm, double p, double eps, const 
   options.stream = &stream;
   Intake in(seq.ptr(), options);
   // The total is reported as float32 unless an input is float64 (as the CUDA outputs are).
-  req.float32_total = !(in.dtype_mask & (1u << int(DType::kF64)));
+  req.float32_total = !in.has_f64();
   if (in.on_cuda()) {
     py::dict d = describe(in);
     CudaJob job;
@@ -250,7 +250,7 @@ cpu::ClipOutcome clip_on_cuda(const Intake& in, const cpu::ClipRequest& req, con
     r.nonfinite_spans[s] = !std::isfinite(r.norms.per_span[s]);
     r.nonfinite |= r.nonfinite_spans[s] != 0;
   }
-  r.nonfinite |= !std::isfinite(r.norms.total);
+  r.nonfinite |= !finite_as_reported(r.norms.total, req.float32_total);
   if (grouped)
     for (size_t g = 0; g < n_groups; ++g) r.norms.per_group.push_back(at("group_offset", g));
   const bool hold = r.nonfinite && req.nonfinite == cpu::NonfinitePolicy::kHold;
