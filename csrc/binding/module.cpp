@@ -17,7 +17,6 @@
 #include "cpu/clip.h"
 #include "cpu/dispatch.h"
 #include "cpu/ops.h"
-#include "cuda/plan_emulator.h"
 
 namespace py = pybind11;
 using namespace gradclip;
@@ -526,20 +525,6 @@ PYBIND11_MODULE(_core, m) {
         py::arg("want_changed") = true);
   m.def("scale_by_norm", &scale_by_norm, py::arg("seq"), py::arg("max_norm"), py::arg("total_norm"), py::arg("eps"),
         py::arg("argname"), py::arg("grad_attr"));
-
-  // Test hooks: the CUDA kernels' plan, emulated on the host (cuda/plan_emulator.h).
-  m.def("_cuda_plan_coverage", &cuda_plan::check_coverage, py::arg("numels"), py::arg("elem_bytes"),
-        py::arg("misalign"), py::arg("plant") = "");
-  m.def("_cuda_plan_norms", [](py::handle seq, double p) {
-    Intake in(seq.ptr(), {"arrays", false, Access::kRead});
-    if (in.on_cuda()) throw py::value_error("arrays: the emulation reads host memory");
-    const cuda_plan::EmulatedNorms r = cuda_plan::emulate_norms(in.spans, parse_order(p));
-    py::dict d;
-    d["norms"] = per_entry(in, r.per_span);
-    d["total"] = r.total;
-    d["rescued_segments"] = r.rescued_segments;
-    return d;
-  }, py::arg("seq"), py::arg("p"));
 
   m.def("clip_coefficient", &clip_coefficient, py::arg("max_norm"), py::arg("norm"), py::arg("eps"));
 

@@ -10,9 +10,18 @@
 // job is capturable in a CUDA graph: its metadata travels by value in the
 // kernel parameters (32 KB since CUDA 12.1), and the workspace and outputs are
 // device memory the caller's framework allocated.
+//
+// The host compiler also builds this file, with GRADCLIP_HOST_SIM, into
+// gradclip._cuda_sim, which runs these kernels on the CPU for the tests
+// (csrc/cuda_sim/simt.h defines the CUDA names used here).
+#ifdef GRADCLIP_HOST_SIM
+#include "cuda_sim/simt.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#define GRADCLIP_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -551,7 +560,7 @@ const char* launch_error() {
 
 template <Kind K>
 void launch_norm(const NormParams& prm, unsigned grid, cudaStream_t stream) {
-  norm_kernel<K><<<grid, kThreads, 0, stream>>>(prm);
+  GRADCLIP_LAUNCH(norm_kernel<K>, grid, kThreads, stream)(prm);
 }
 
 const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
@@ -608,7 +617,7 @@ const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
     f.out = r->out;
     if (r->job != Job::kNorms)
       for (int g = 0; g < r->n_groups; ++g) f.limits[g] = r->limits[g];
-    finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(f);
+    GRADCLIP_LAUNCH(finalize_kernel, 1, kFinalizeThreads, stream)(f);
     if (const char* e = launch_error()) return e;
   }
 
@@ -628,7 +637,7 @@ const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
     if (!(r->job == Job::kScale && !r->norm && r->coef == 1.0))  // a known coefficient of 1: nothing to launch
       for (int64_t j = 0; j < fp.launches; ++j) {
         const unsigned grid = fill_table(prm->table, ts, fp, j);
-        scale_kernel<<<grid, kThreads, 0, stream>>>(*prm);
+        GRADCLIP_LAUNCH(scale_kernel, grid, kThreads, stream)(*prm);
         if (const char* e = launch_error()) return e;
       }
   }
@@ -639,7 +648,7 @@ const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
     prm->flags = r->out.changed_blocks;
     for (int64_t j = 0; j < fp.launches; ++j) {
       const unsigned grid = fill_table(prm->table, ts, fp, j);
-      clamp_kernel<<<grid, kThreads, 0, stream>>>(*prm);
+      GRADCLIP_LAUNCH(clamp_kernel, grid, kThreads, stream)(*prm);
       if (const char* e = launch_error()) return e;
     }
   }

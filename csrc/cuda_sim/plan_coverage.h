@@ -1,16 +1,13 @@
-// A host emulation of the CUDA kernels' plan (plan.h), compiled into
-// gradclip._core so that the tests can check the index arithmetic and the
-// overflow-safe folding on any machine, GPU or not. It walks the same launch
-// slices, blocks, segments and per-thread element splits the kernels walk,
-// with the same partial slots and the same fold order in the finalize step
-// (threads are visited one after another instead of in shuffle trees).
+// A check of the CUDA kernels' plan (plan.h) on its own, in gradclip._cuda_sim:
+// it walks the launch slices, blocks, segments and per-thread element splits
+// the kernels walk, counting visits instead of reading memory, so it can
+// cover sizes, misalignments and list lengths that running the kernels on the
+// host (simt.h) could not afford, and planted walk bugs show it is live.
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include "core/types.h"
 
 namespace gradclip::cuda_plan {
 
@@ -22,14 +19,5 @@ namespace gradclip::cuda_plan {
 // "slot_shift") to show the check notices.
 std::vector<std::string> check_coverage(const std::vector<int64_t>& numels, const std::vector<int>& elem_bytes,
                                         const std::vector<int>& misalign, const std::string& plant = "");
-
-struct EmulatedNorms {
-  std::vector<double> per_span;
-  double total;
-  int64_t rescued_segments;
-};
-
-// The norms the kernels would compute for these spans (host memory), p > 0 or inf.
-EmulatedNorms emulate_norms(const std::vector<Span>& spans, NormOrder order);
 
 }  // namespace gradclip::cuda_plan

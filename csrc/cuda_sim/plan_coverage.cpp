@@ -1,6 +1,5 @@
-#include "cuda/plan_emulator.h"
+#include "cuda_sim/plan_coverage.h"
 
-#include <cmath>
 #include <map>
 
 #include "cuda/plan.h"
@@ -93,74 +92,6 @@ std::vector<std::string> check_coverage(const std::vector<int64_t>& numels, cons
   if (!slot_owner.empty() && slot_owner.rbegin()->first >= partial_slots(n, tag_start(tags[n])))
     errors.push_back("a slot lies past the partials array");
   return errors;
-}
-
-EmulatedNorms emulate_norms(const std::vector<Span>& spans, NormOrder order) {
-  const Kind kind = order.kind == NormOrder::kL1 ? Kind::kL1
-                    : order.kind == NormOrder::kL2 ? Kind::kL2
-                    : order.kind == NormOrder::kInf ? Kind::kInf
-                                                    : Kind::kP;
-  const double p = order.p;
-  auto step = [&](double acc, double a) {
-    switch (kind) {
-      case Kind::kL1: return acc + a;
-      case Kind::kL2: return acc + a * a;
-      case Kind::kInf: return nan_max(acc, a);
-      default: return acc + std::pow(a, p);
-    }
-  };
-  const int64_t n = int64_t(spans.size());
-  std::vector<int64_t> numels(n);
-  for (int64_t t = 0; t < n; ++t) numels[t] = spans[t].numel;
-  const std::vector<uint64_t> tags = tags_of(numels);
-  std::vector<Partial> partials(partial_slots(n, tag_start(tags[n])), Partial{0.0, 0, 0});
-  EmulatedNorms out{};
-
-  for_each_launch_segment(tags, [&](int64_t t, int64_t block, int64_t offset, int64_t count) {
-    const Span& sp = spans[t];
-    const int es = element_size(sp.dtype);
-    const char* base = static_cast<const char*>(sp.data) + offset * es;
-    const SegmentSplit split = split_segment(reinterpret_cast<uintptr_t>(base), count, es);
-    const int64_t per_vector = kVectorBytes / es;
-    auto value = [&](int64_t i) { return std::fabs(load_as_double(base, i, sp.dtype)); };
-    // Each thread's accumulator, then the threads folded in order.
-    auto block_sum = [&](int scale) {
-      double total = 0.0;
-      for (int thread = 0; thread < kThreads; ++thread) {
-        double acc = 0.0;
-        auto visit = [&](int64_t i) { acc = step(acc, scale ? ldexp_exact(value(i), -scale) : value(i)); };
-        walk_segment(split, per_vector, thread, kThreads, visit, [&](int64_t v) {
-          for (int64_t k = 0; k < per_vector; ++k) visit(split.head + v * per_vector + k);
-        });
-        total = kind == Kind::kInf ? nan_max(total, acc) : total + acc;
-      }
-      return total;
-    };
-    Partial r{block_sum(0), 0, 0};
-    if (may_need_rescue(kind, sp.dtype == DType::kF64)) {
-      double max_abs = 0.0;
-      for (int64_t i = 0; i < count; ++i) max_abs = nan_max(max_abs, value(i));
-      if (needs_rescue(r.sum, max_abs)) {
-        const int e = std::ilogb(max_abs);
-        r = {block_sum(e), e, 0};
-        ++out.rescued_segments;
-      }
-    }
-    partials[segment_slot(t, block)] = r;
-  });
-
-  // The finalize kernel's folds: a tensor's slots in order, then tensors in order.
-  Partial total{0.0, 0, 0};
-  out.per_span.resize(n);
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t s = tag_start(tags[t]), e = tag_start(tags[t + 1]);
-    Partial acc{0.0, 0, 0};
-    for (int64_t b = first_block(s); b < end_block(s, e); ++b) acc = combine(acc, partials[segment_slot(t, b)], kind, p);
-    out.per_span[t] = partial_norm(acc, kind, p);
-    total = combine(total, acc, kind, p);
-  }
-  out.total = partial_norm(total, kind, p);
-  return out;
 }
 
 }  // namespace gradclip::cuda_plan

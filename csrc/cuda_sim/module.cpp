@@ -1,0 +1,179 @@
+// gradclip._cuda_sim: the CUDA backend's kernels and launch code, run on the
+// host (simt.h), for the tests. `run` plays the part of the CUDA bridge
+// (binding/cuda_bridge.cpp): it builds one Request, provides "device" memory
+// (host memory here) for the outputs and the workspace, calls the same
+// Api::launch the GPU build exports, and returns what the kernels wrote.
+//
+// Outputs and workspace start filled with 0xff bytes (NaN in every float
+// format) and the clamp flags with 0xaa, so a result the kernels forget to
+// write, or a workspace slot read before it is written, shows.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/api.h"
+#include "cuda/plan.h"
+#include "cuda_sim/plan_coverage.h"
+#include "cuda_sim/simt.h"
+
+namespace py = pybind11;
+
+namespace gradclip::cuda {
+const Api& api();  // kernels.cu, as compiled in kernels_on_host.cpp
+}
+
+namespace {
+
+using gradclip::DType;
+using gradclip::NormOrder;
+using namespace gradclip::cuda;
+
+Job job_named(const std::string& name) {
+  if (name == "norms") return Job::kNorms;
+  if (name == "clip_global") return Job::kClipGlobal;
+  if (name == "clip_per_tensor") return Job::kClipPerTensor;
+  if (name == "normalize") return Job::kNormalize;
+  if (name == "scale") return Job::kScale;
+  if (name == "clamp") return Job::kClamp;
+  throw py::value_error("job: unknown job '" + name + "'");
+}
+
+DType dtype_named(const std::string& name) {
+  if (name == "float32") return DType::kF32;
+  if (name == "float64") return DType::kF64;
+  if (name == "float16") return DType::kF16;
+  if (name == "bfloat16") return DType::kBF16;
+  throw py::value_error("dtype: unknown dtype '" + name + "'");
+}
+
+// 256-byte aligned, as a framework's device allocator returns.
+struct Buffer {
+  std::unique_ptr<unsigned char[]> raw;
+  unsigned char* data = nullptr;
+  Buffer(int64_t bytes, unsigned char fill) : raw(new unsigned char[size_t(bytes) + 256]) {
+    data = raw.get() + (256 - reinterpret_cast<uintptr_t>(raw.get()) % 256) % 256;
+    std::memset(data, fill, size_t(bytes));
+  }
+};
+
+py::object read_values(const void* at, int64_t count, bool f64) {
+  if (!at) return py::none();
+  py::list values;
+  for (int64_t i = 0; i < count; ++i)
+    values.append(f64 ? static_cast<const double*>(at)[i] : double(static_cast<const float*>(at)[i]));
+  return values;
+}
+
+py::dict run(const std::vector<py::tuple>& tensors, const std::string& job, double p, double eps,
+             const std::vector<double>& limits, bool hold_nonfinite, double coef, py::object norm, double max_norm,
+             double clamp_limit, bool out_f64, const std::vector<std::string>& outputs) {
+  const int64_t n = int64_t(tensors.size());
+  std::vector<DeviceTensor> ts(n);
+  for (int64_t t = 0; t < n; ++t) {
+    const py::tuple& d = tensors[t];  // (address, numel, dtype name, group)
+    ts[t] = {reinterpret_cast<void*>(d[0].cast<uintptr_t>()), d[1].cast<int64_t>(),
+             dtype_named(d[2].cast<std::string>()), d[3].cast<int32_t>()};
+  }
+  Request r;
+  r.job = job_named(job);
+  r.order = NormOrder::from_p(p);
+  r.eps = eps;
+  r.limits = limits.empty() ? nullptr : limits.data();
+  r.n_groups = limits.empty() ? 1 : int32_t(limits.size());
+  r.hold_nonfinite = hold_nonfinite;
+  r.coef = coef;
+  if (!norm.is_none()) {
+    const py::tuple d = norm;  // (address, dtype name)
+    r.norm = reinterpret_cast<const void*>(d[0].cast<uintptr_t>());
+    r.norm_dtype = dtype_named(d[1].cast<std::string>());
+  }
+  r.max_norm = max_norm;
+  r.clamp_limit = clamp_limit;
+
+  const Api& api = gradclip::cuda::api();
+  auto wants = [&](const char* what) {
+    for (const std::string& o : outputs)
+      if (o == what) return true;
+    return false;
+  };
+  const int64_t es = out_f64 ? 8 : 4;
+  const int64_t flag_count = api.changed_flag_count(ts.data(), n);
+  Buffer total(es, 0xff), per_group(es * r.n_groups, 0xff), per_tensor(es * (n ? n : 1), 0xff),
+      flags(flag_count ? flag_count : 1, 0xaa);
+  r.out.out_f64 = out_f64;
+  if (wants("total")) r.out.total = total.data;
+  if (wants("per_group")) r.out.per_group = per_group.data;
+  if (wants("per_tensor")) r.out.per_tensor = per_tensor.data;
+  if (wants("flags")) r.out.changed_blocks = flags.data;
+  const int64_t ws_bytes = api.workspace_bytes(ts.data(), n, &r);
+  Buffer workspace(ws_bytes ? ws_bytes : 1, 0xff);
+  r.workspace = workspace.data;
+
+  gradclip::simt::take_launch_log();
+  if (const char* error = api.launch(ts.data(), n, &r)) throw std::runtime_error(error);
+
+  py::dict out;
+  out["total"] = py::none();
+  if (r.out.total) out["total"] = py::list(read_values(r.out.total, 1, out_f64))[0];
+  out["per_group"] = read_values(r.out.per_group, r.n_groups, out_f64);
+  out["per_tensor"] = read_values(r.out.per_tensor, n, out_f64);
+  py::list flag_values;
+  if (r.out.changed_blocks)
+    for (int64_t i = 0; i < flag_count; ++i) flag_values.append(int(flags.data[i]));
+  out["flags"] = flag_values;
+  py::list launches;
+  for (const auto& l : gradclip::simt::take_launch_log()) launches.append(py::make_tuple(l.kernel, l.grid, l.block));
+  out["launches"] = launches;
+  out["workspace_bytes"] = ws_bytes;
+  return out;
+}
+
+// Kernels with a defect the simulator must report (tests/test_cuda_sim.py
+// shows its checks are live): a barrier half the block skips, and a 16-byte
+// load from an address 4 bytes past a boundary.
+__global__ void divergent_barrier_kernel(int) {
+  if (threadIdx.x < 128) __syncthreads();
+}
+__global__ void divergent_shuffle_kernel(int) {
+  if (threadIdx.x % 32 < 16) (void)__shfl_down_sync(0xffffffffu, 1.0, 1);
+}
+__global__ void misaligned_vector_kernel(const unsigned char* p) {
+  (void)__ldg(reinterpret_cast<const uint4*>(p + 4));
+}
+
+std::string probe(const std::string& defect) {
+  alignas(16) unsigned char bytes[64] = {};
+  if (defect == "divergent_barrier") GRADCLIP_LAUNCH(divergent_barrier_kernel, 2, 256, nullptr)(0);
+  else if (defect == "divergent_shuffle") GRADCLIP_LAUNCH(divergent_shuffle_kernel, 1, 64, nullptr)(0);
+  else if (defect == "misaligned_vector") GRADCLIP_LAUNCH(misaligned_vector_kernel, 1, 32, nullptr)(bytes);
+  else throw py::value_error("defect: unknown '" + defect + "'");
+  gradclip::simt::take_launch_log();
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda_sim, m) {
+  m.doc() = "gradclip's CUDA kernels run on the host, for the tests (no GPU needed).";
+  m.def("run", &run, py::arg("tensors"), py::arg("job"), py::arg("p") = 2.0, py::arg("eps") = 1e-6,
+        py::arg("limits") = std::vector<double>{}, py::arg("hold_nonfinite") = false, py::arg("coef") = 1.0,
+        py::arg("norm") = py::none(), py::arg("max_norm") = 0.0, py::arg("clamp_limit") = 0.0,
+        py::arg("out_f64") = false,
+        py::arg("outputs") = std::vector<std::string>{"total", "per_group", "per_tensor", "flags"},
+        "Runs one job of the CUDA backend on host memory. tensors: (address, numel, dtype name, group) "
+        "tuples. Returns the outputs the kernels wrote, the kernel launches made and the workspace size.");
+  m.def("plan_coverage", &gradclip::cuda_plan::check_coverage, py::arg("numels"), py::arg("elem_bytes"),
+        py::arg("misalign"), py::arg("plant") = "",
+        "Walks the kernels' plan for tensors of these sizes, element sizes and byte misalignments; returns "
+        "every broken rule (empty: each element visited once, each partial slot written once and read back).");
+  m.def("_probe", &probe, py::arg("defect"),
+        "Launches a kernel with a planted defect and returns the error the simulator reports ('' if none).");
+  m.attr("chunk") = gradclip::cuda_plan::kChunk;
+  m.attr("max_tensors_per_launch") = gradclip::cuda_plan::kMaxTensorsPerLaunch;
+}

@@ -1,0 +1,268 @@
+// The fiber scheduler behind simt.h: the threads of one block are ucontext
+// fibers on the calling host thread. The scheduler resumes them in thread
+// order; a fiber runs until it waits at a barrier or returns. A barrier
+// releases when every thread of its block (or lane of its warp) has arrived,
+// and a pass in which no fiber can move while some still live is a barrier
+// that will never release: it is reported, and the block abandoned.
+#include "cuda_sim/simt.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <memory>
+
+thread_local SimDim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace gradclip::simt {
+namespace {
+
+constexpr unsigned kMaxBlockThreads = 1024;
+constexpr unsigned kWarp = 32;
+// Each fiber calls the kernel with its parameters by value (up to 32 KB), so
+// its stack holds one copy of them besides the kernel's frames.
+constexpr size_t kStackBytes = 256 * 1024;
+
+// A fiber stack with an inaccessible page below it: an overflow faults
+// instead of corrupting the neighbouring fiber's stack.
+struct Stack {
+  void* base = nullptr;
+  size_t bytes = 0;
+  Stack() {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    bytes = kStackBytes + page;
+    base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) {
+      std::perror("gradclip simt: mmap");
+      std::abort();
+    }
+    mprotect(base, page, PROT_NONE);
+  }
+  ~Stack() { munmap(base, bytes); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  char* top_region() const { return static_cast<char*>(base) + (bytes - kStackBytes); }
+};
+
+enum class Wait { kNone, kBlock, kWarp };
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<Stack> stack;
+  bool done = false;
+  Wait wait = Wait::kNone;
+  uint64_t wait_generation = 0;
+};
+
+struct Block {
+  Fiber fibers[kMaxBlockThreads];
+  ucontext_t scheduler;
+  unsigned threads = 0;
+  // Block barrier: arrivals at the barrier under way and completed barriers.
+  unsigned block_arrived = 0;
+  uint64_t block_generation = 0;
+  int or_cells[2] = {0, 0};  // __syncthreads_or accumulators, by generation parity
+  unsigned warp_arrived[kMaxBlockThreads / kWarp] = {};
+  uint64_t warp_generation[kMaxBlockThreads / kWarp] = {};
+  alignas(8) unsigned char shuffle[2][kMaxBlockThreads][8];
+  void (*body)(const void*) = nullptr;
+  const void* context = nullptr;
+};
+
+struct State {
+  std::unique_ptr<Block> block = std::make_unique<Block>();
+  std::string error;     // sticky until cudaGetLastError
+  std::string reported;  // the last error cudaGetLastError returned
+  std::vector<LaunchRecord> log;
+  const char* kernel = "";  // the kernel running, for messages
+  int device = 0;
+};
+
+State& state() {
+  static thread_local State s;
+  return s;
+}
+
+Block& current_block() { return *state().block; }
+
+void fiber_entry() {
+  Block& b = current_block();
+  b.body(b.context);
+  b.fibers[threadIdx.x].done = true;
+  // Returning resumes uc_link: the scheduler.
+}
+
+void wait_here(Wait kind, uint64_t generation) {
+  Block& b = current_block();
+  Fiber& me = b.fibers[threadIdx.x];
+  me.wait = kind;
+  me.wait_generation = generation;
+  swapcontext(&me.context, &b.scheduler);
+}
+
+bool released(const Block& b, unsigned thread) {
+  const Fiber& f = b.fibers[thread];
+  switch (f.wait) {
+    case Wait::kNone: return true;
+    case Wait::kBlock: return b.block_generation != f.wait_generation;
+    case Wait::kWarp: return b.warp_generation[thread / kWarp] != f.wait_generation;
+  }
+  return true;
+}
+
+const char* wait_name(Wait w) { return w == Wait::kBlock ? "__syncthreads" : "a warp shuffle"; }
+
+void run_block(Block& b, const char* kernel) {
+  for (unsigned t = 0; t < b.threads; ++t) {
+    Fiber& f = b.fibers[t];
+    if (!f.stack) f.stack = std::make_unique<Stack>();
+    f.done = false;
+    f.wait = Wait::kNone;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack->top_region();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &b.scheduler;
+    makecontext(&f.context, fiber_entry, 0);
+  }
+  b.block_arrived = 0;
+  b.block_generation = 0;
+  b.or_cells[0] = b.or_cells[1] = 0;
+  for (unsigned w = 0; w < b.threads / kWarp; ++w) b.warp_arrived[w] = 0, b.warp_generation[w] = 0;
+
+  for (;;) {
+    bool moved = false, alive = false;
+    for (unsigned t = 0; t < b.threads; ++t) {
+      Fiber& f = b.fibers[t];
+      if (f.done) continue;
+      alive = true;
+      if (!released(b, t)) continue;
+      f.wait = Wait::kNone;
+      threadIdx = {t, 0, 0};
+      swapcontext(&b.scheduler, &f.context);
+      moved = true;
+    }
+    if (!alive) return;
+    if (!moved) {
+      unsigned stuck = 0, finished = 0;
+      Wait at = Wait::kNone;
+      for (unsigned t = 0; t < b.threads; ++t) {
+        if (b.fibers[t].done) ++finished;
+        else ++stuck, at = b.fibers[t].wait;
+      }
+      report(std::string(kernel) + ", block " + std::to_string(blockIdx.x) + ": " + std::to_string(stuck) +
+             " threads wait at " + wait_name(at) + " that " + std::to_string(finished) +
+             " finished threads (or other lanes) never reach");
+      return;  // the stuck fibers are abandoned; their stacks are reset by the next block
+    }
+  }
+}
+
+}  // namespace
+
+void report(const std::string& problem) {
+  std::string& e = state().error;
+  if (e.empty()) e = problem;
+}
+
+std::string where() {
+  return std::string(state().kernel) + ", block " + std::to_string(blockIdx.x) + ", thread " +
+         std::to_string(threadIdx.x);
+}
+
+void block_barrier() {
+  Block& b = current_block();
+  const uint64_t generation = b.block_generation;
+  if (++b.block_arrived == b.threads) {
+    // The last to arrive releases the barrier. Every thread has finished
+    // reading the previous barrier's __syncthreads_or result (it arrived
+    // here after), so that cell is cleared for the next barrier to use.
+    b.block_arrived = 0;
+    b.block_generation = generation + 1;
+    b.or_cells[(generation + 1) & 1] = 0;
+    return;
+  }
+  wait_here(Wait::kBlock, generation);
+}
+
+void warp_barrier() {
+  Block& b = current_block();
+  const unsigned w = threadIdx.x / kWarp;
+  const uint64_t generation = b.warp_generation[w];
+  if (++b.warp_arrived[w] == kWarp) {
+    b.warp_arrived[w] = 0;
+    b.warp_generation[w] = generation + 1;
+    return;
+  }
+  wait_here(Wait::kWarp, generation);
+}
+
+unsigned char* shuffle_slot(unsigned thread) {
+  Block& b = current_block();
+  return b.shuffle[b.warp_generation[thread / kWarp] & 1][thread];
+}
+
+int* syncthreads_or_cell() {
+  Block& b = current_block();
+  return &b.or_cells[b.block_generation & 1];
+}
+
+std::vector<LaunchRecord> take_launch_log() { return std::move(state().log); }
+
+void run_grid(const char* kernel, unsigned grid, unsigned block, void (*body)(const void*), const void* context) {
+  State& s = state();
+  s.log.push_back({kernel, grid, block});
+  s.kernel = kernel;
+  if (block == 0 || block > kMaxBlockThreads || block % kWarp != 0) {
+    report(std::string(kernel) + ": the simulator runs blocks of whole warps, at most 1024 threads");
+    return;
+  }
+  Block& b = *s.block;
+  b.threads = block;
+  b.body = body;
+  b.context = context;
+  blockDim = {block, 1, 1};
+  gridDim = {grid, 1, 1};
+  for (unsigned g = 0; g < grid; ++g) {
+    blockIdx = {g, 0, 0};
+    run_block(b, kernel);
+    if (!s.error.empty()) return;  // as a GPU would, the launch stops at its first failure
+  }
+}
+
+}  // namespace gradclip::simt
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = gradclip::simt::state().device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+  if (device != 0) return cudaErrorInvalidDevice;  // the simulator has one device
+  gradclip::simt::state().device = device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetLastError() {
+  auto& s = gradclip::simt::state();
+  if (s.error.empty()) return cudaSuccess;
+  s.reported = std::move(s.error);
+  s.error.clear();
+  return cudaErrorLaunchFailure;
+}
+
+const char* cudaGetErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    default: return "cudaErrorLaunchFailure";
+  }
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidDevice: return "the simulator has one device, 0";
+    default: return gradclip::simt::state().reported.c_str();
+  }
+}
