@@ -389,6 +389,17 @@ def check_read_only_script(body: str, mode: str) -> None:
         assert proc.returncode == 0 and proc.stdout.strip() == "no write", (proc.returncode, proc.stderr[-2000:])
 
 
+def require_cuda_sim():
+    """gradclip._cuda_sim (the CUDA kernels on host fibers), or, off Linux where
+    it is not built, a skip of the calling test module. On Linux a missing
+    module is an error, not a skip."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("gradclip._cuda_sim is built on Linux (ucontext fibers)", allow_module_level=True)
+    from gradclip import _cuda_sim
+
+    return _cuda_sim
+
+
 def run_python(code: str, env_extra: dict | None = None, timeout: float = 120) -> str:
     """Runs ``code`` in a fresh interpreter (for settings read once per process)
     and returns its stdout; fails the test with stderr on a non-zero exit."""

@@ -11,16 +11,15 @@ every partial slot written once and read back by the finalize.
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-if not sys.platform.startswith("linux"):
-    pytest.skip("gradclip._cuda_sim is built on Linux (ucontext fibers)", allow_module_level=True)
-from gradclip import _cuda_sim  # noqa: E402  (on Linux it must exist: a missing build fails here)
+from conftest import require_cuda_sim
+
+_cuda_sim = require_cuda_sim()
 
 CHUNK = _cuda_sim.chunk
 LAUNCH_TENSORS = _cuda_sim.max_tensors_per_launch

@@ -6,72 +6,13 @@ before anything is launched or written."""
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 
 import gradclip
 from gradclip import _core
 
-KDL_CUDA = 2
-KDL_FLOAT = 2
-
-
-class _DLTensor(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("device_type", ctypes.c_int32),
-        ("device_id", ctypes.c_int32),
-        ("ndim", ctypes.c_int32),
-        ("code", ctypes.c_uint8),
-        ("bits", ctypes.c_uint8),
-        ("lanes", ctypes.c_uint16),
-        ("shape", ctypes.POINTER(ctypes.c_int64)),
-        ("strides", ctypes.POINTER(ctypes.c_int64)),
-        ("byte_offset", ctypes.c_uint64),
-    ]
-
-
-class _ManagedVersioned(ctypes.Structure):
-    _fields_ = [
-        ("major", ctypes.c_uint32),
-        ("minor", ctypes.c_uint32),
-        ("manager_ctx", ctypes.c_void_p),
-        ("deleter", ctypes.c_void_p),
-        ("flags", ctypes.c_uint64),
-        ("dl_tensor", _DLTensor),
-    ]
-
-
-_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
-_PyCapsule_New.restype = ctypes.py_object
-_PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-
-
-class FakeCudaArray:
-    """float32[n] 'on cuda:device' at a fake, aligned address."""
-
-    def __init__(self, n: int, device: int = 0, address: int = 0x7F0000000000):
-        self._shape = (ctypes.c_int64 * 1)(n)
-        self._managed = _ManagedVersioned(1, 0, None, None, 0)
-        t = self._managed.dl_tensor
-        t.data, t.device_type, t.device_id, t.ndim = address, KDL_CUDA, device, 1
-        t.code, t.bits, t.lanes = KDL_FLOAT, 32, 1
-        t.shape, t.strides, t.byte_offset = self._shape, None, 0
-        self._device = device
-
-    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
-        self.export_stream = stream
-        return _PyCapsule_New(ctypes.addressof(self._managed), b"dltensor_versioned", None)
-
-    def __dlpack_device__(self):
-        return (KDL_CUDA, self._device)
-
-    @property
-    def device(self):  # what the drop-ins group by (a torch.device for real tensors)
-        return ("cuda", self._device)
-
+from fake_cuda import FakeCudaArray
 
 def test_cuda_memory_is_not_mixed_with_host_memory():
     host = np.ones(4, dtype=np.float32)

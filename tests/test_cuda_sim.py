@@ -29,7 +29,6 @@ coefficient the test knows exactly makes that comparison bitwise.
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -53,11 +52,10 @@ from conftest import (
     norm_rtol,
     ref_coef,
     ref_norm,
+    require_cuda_sim,
 )
 
-if not sys.platform.startswith("linux"):
-    pytest.skip("gradclip._cuda_sim is built on Linux (ucontext fibers)", allow_module_level=True)
-from gradclip import _cuda_sim  # noqa: E402  (on Linux it must exist: a missing build fails here)
+_cuda_sim = require_cuda_sim()
 
 CHUNK = _cuda_sim.chunk
 LAUNCH_TENSORS = _cuda_sim.max_tensors_per_launch

@@ -7,7 +7,12 @@ namespace py = pybind11;
 namespace gradclip::binding {
 namespace {
 
+// The test hook's replacement backend (use_cuda_backend), or null.
+const cuda::Api* g_api_override = nullptr;
+PyObject* g_allocate_override = nullptr;  // owned reference
+
 const cuda::Api& cuda_api() {
+  if (g_api_override) return *g_api_override;
   static const cuda::Api* api = [] {
     py::object module;
     try {
@@ -29,6 +34,14 @@ const cuda::Api& cuda_api() {
 int64_t align8(int64_t v) { return (v + 7) / 8 * 8; }
 
 }  // namespace
+
+void use_cuda_backend(const cuda::Api* api, py::handle allocate) {
+  if (api && api->abi_version != cuda::kApiVersion)
+    throw py::value_error("api: the table comes from a different build of gradclip");
+  Py_XDECREF(g_allocate_override);
+  g_allocate_override = api ? py::reinterpret_borrow<py::object>(allocate).release().ptr() : nullptr;
+  g_api_override = api;
+}
 
 void run_on_cuda(const Intake& in, CudaJob& job, py::dict& result) {
   const cuda::Api& api = cuda_api();
@@ -65,8 +78,9 @@ void run_on_cuda(const Intake& in, CudaJob& job, py::dict& result) {
   }
   const int64_t ws_bytes = api.workspace_bytes(tensors.data(), n, &req);
 
-  static PyObject* allocate = nullptr;
-  if (!allocate) allocate = py::object(py::module_::import("gradclip._device").attr("allocate")).release().ptr();
+  static PyObject* framework_allocate =
+      py::object(py::module_::import("gradclip._device").attr("allocate")).release().ptr();
+  PyObject* allocate = g_allocate_override ? g_allocate_override : framework_allocate;
   const py::tuple got = py::reinterpret_steal<py::object>(
       PyObject_CallFunction(allocate, "OLL", in.device_example, static_cast<long long>(at),
                             static_cast<long long>(ws_bytes)));

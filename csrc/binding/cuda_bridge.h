@@ -31,4 +31,10 @@ struct CudaJob {
 // group_offset, tensor_offset (byte offsets, -1 when absent), changed_flags.
 void run_on_cuda(const Intake& in, CudaJob& job, pybind11::dict& result);
 
+// Test hook: run CUDA jobs through `api` with memory from `allocate` (the
+// signature of gradclip._device.allocate) instead of gradclip._cuda and the
+// caller's framework; null restores those. tests/test_cuda_sim_api.py passes
+// gradclip._cuda_sim's table, which runs the kernels on host memory.
+void use_cuda_backend(const cuda::Api* api, pybind11::handle allocate);
+
 }  // namespace gradclip::binding

@@ -526,6 +526,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("scale_by_norm", &scale_by_norm, py::arg("seq"), py::arg("max_norm"), py::arg("total_norm"), py::arg("eps"),
         py::arg("argname"), py::arg("grad_attr"));
 
+  m.def("_use_cuda_backend", [](py::object capsule, py::object allocate) {
+    if (capsule.is_none()) return binding::use_cuda_backend(nullptr, py::none());
+    binding::use_cuda_backend(static_cast<const cuda::Api*>(capsule.cast<py::capsule>().get_pointer()), allocate);
+  }, py::arg("api"), py::arg("allocate"), "Test hook: see binding/cuda_bridge.h.");
+
   m.def("clip_coefficient", &clip_coefficient, py::arg("max_norm"), py::arg("norm"), py::arg("eps"));
 
   m.def("compiled_isas", [] {

@@ -69,6 +69,13 @@ py::object read_values(const void* at, int64_t count, bool f64) {
   return values;
 }
 
+// The kernel launches made on this thread since the last call: (kernel, grid, block).
+py::list launch_log() {
+  py::list launches;
+  for (const auto& l : gradclip::simt::take_launch_log()) launches.append(py::make_tuple(l.kernel, l.grid, l.block));
+  return launches;
+}
+
 py::dict run(const std::vector<py::tuple>& tensors, const std::string& job, double p, double eps,
              const std::vector<double>& limits, bool hold_nonfinite, double coef, py::object norm, double max_norm,
              double clamp_limit, bool out_f64, const std::vector<std::string>& outputs) {
@@ -126,9 +133,7 @@ py::dict run(const std::vector<py::tuple>& tensors, const std::string& job, doub
   if (r.out.changed_blocks)
     for (int64_t i = 0; i < flag_count; ++i) flag_values.append(int(flags.data[i]));
   out["flags"] = flag_values;
-  py::list launches;
-  for (const auto& l : gradclip::simt::take_launch_log()) launches.append(py::make_tuple(l.kernel, l.grid, l.block));
-  out["launches"] = launches;
+  out["launches"] = launch_log();
   out["workspace_bytes"] = ws_bytes;
   return out;
 }
@@ -168,12 +173,16 @@ PYBIND11_MODULE(_cuda_sim, m) {
         py::arg("outputs") = std::vector<std::string>{"total", "per_group", "per_tensor", "flags"},
         "Runs one job of the CUDA backend on host memory. tensors: (address, numel, dtype name, group) "
         "tuples. Returns the outputs the kernels wrote, the kernel launches made and the workspace size.");
+  m.def("launch_log", &launch_log,
+        "The kernel launches made on this thread since the last call, as (kernel, grid, block) tuples.");
   m.def("plan_coverage", &gradclip::cuda_plan::check_coverage, py::arg("numels"), py::arg("elem_bytes"),
         py::arg("misalign"), py::arg("plant") = "",
         "Walks the kernels' plan for tensors of these sizes, element sizes and byte misalignments; returns "
         "every broken rule (empty: each element visited once, each partial slot written once and read back).");
   m.def("_probe", &probe, py::arg("defect"),
         "Launches a kernel with a planted defect and returns the error the simulator reports ('' if none).");
+  // The same table gradclip._cuda exports, for gradclip._core._use_cuda_backend.
+  m.attr("_api") = py::capsule(const_cast<Api*>(&gradclip::cuda::api()), "gradclip._cuda.api");
   m.attr("chunk") = gradclip::cuda_plan::kChunk;
   m.attr("max_tensors_per_launch") = gradclip::cuda_plan::kMaxTensorsPerLaunch;
 }

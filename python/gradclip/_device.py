@@ -4,6 +4,10 @@ The native core never allocates device memory itself: it asks here, so that
 torch's caching allocator (or CuPy's pool) owns every byte, stream-ordered and
 CUDA-graph aware, and results come back as the caller's own tensor type.
 Nothing here synchronises with the device except :func:`to_host`.
+
+Result buffers are torch tensors or CuPy arrays; in the tests that run the
+CUDA kernels on the host (gradclip._cuda_sim) they are NumPy arrays, which
+every function here handles as well.
 """
 
 from __future__ import annotations
@@ -117,7 +121,9 @@ def per_tensor(info: Dict[str, Any]) -> Any:
     # and cannot be captured in a CUDA graph.
     pieces = [norms[start:stop] for start, stop in _runs(entry_spans)]
     torch = _torch_of(norms)
-    return torch.cat(pieces) if torch is not None else _cupy_of(norms).concatenate(pieces)
+    if torch is not None:
+        return torch.cat(pieces)
+    return (_cupy_of(norms) or np).concatenate(pieces)
 
 
 def _runs(indices: List[int]) -> List[Tuple[int, int]]:
@@ -148,7 +154,9 @@ def to_host(buf: Any) -> np.ndarray:
     """The buffer's bytes in host memory (waits for the device)."""
     if _torch_of(buf) is not None:
         return buf.cpu().numpy()
-    return buf.get()
+    if _cupy_of(buf) is not None:
+        return buf.get()
+    return np.asarray(buf)
 
 
 def is_device_result(info: Dict[str, Any]) -> bool:

@@ -1,0 +1,257 @@
+"""The public API on "CUDA" arrays, end to end, without a GPU.
+
+Arrays here are host memory presented as cuda:0 memory (fake_cuda.py), and
+gradclip._core is pointed at gradclip._cuda_sim's kernel table with NumPy
+buffers for its device memory (``_core._use_cuda_backend``). A call then runs
+its real CUDA path: the intake's device checks, the bridge's output layout and
+workspace, kernels.cu's launch code and kernels (on host fibers), and the
+Python side that turns device results into arrays (gradclip._device), here
+NumPy arrays standing for device arrays. What only a GPU shows (streams,
+graphs, torch's and CuPy's allocators, speed) is tests/test_cuda.py's.
+
+Tolerances are those of tests/test_cuda_sim.py (the same kernels); results
+are float32 unless an input is float64, and ``assert_norm_close`` rounds its
+bracket to the result dtype.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import gradclip
+from gradclip import _core
+from conftest import (
+    EPS,
+    INF,
+    NAN,
+    NORM_IDS,
+    NORM_ORDERS,
+    TORCH_DTYPE_IDS,
+    TORCH_DTYPES,
+    assert_bitwise_equal,
+    assert_norm_close,
+    assert_scaled,
+    expected_scaled,
+    make_torch,
+    norm_rtol,
+    ref_coef,
+    ref_norm,
+    require_cuda_sim,
+)
+from fake_cuda import FakeCudaArray
+
+_cuda_sim = require_cuda_sim()
+
+CHUNK = _cuda_sim.chunk
+SIZES = [1, 7, 16, 33, CHUNK - 1, CHUNK + 3, 2 * CHUNK + 1]
+
+
+def host_allocate(like, out_bytes: int, workspace_bytes: int):
+    """gradclip._device.allocate for the simulator: NumPy buffers, 256-byte
+    aligned as a device allocator's, filled with NaN bytes so that a result
+    nobody wrote shows."""
+
+    def buffer(n: int):
+        if not n:
+            return None, 0
+        raw = np.full(n + 256, 0xFF, dtype=np.uint8)
+        start = (-raw.ctypes.data) % 256
+        view = raw[start : start + n]
+        return view, view.ctypes.data
+
+    out, out_ptr = buffer(out_bytes)
+    ws, ws_ptr = buffer(workspace_bytes)
+    return out, out_ptr, ws, ws_ptr, 0
+
+
+@pytest.fixture(autouse=True)
+def sim_backend():
+    _core._use_cuda_backend(_cuda_sim._api, host_allocate)
+    _cuda_sim.launch_log()
+    try:
+        yield
+    finally:
+        _core._use_cuda_backend(None, None)
+
+
+def on_sim(tensors):
+    """Host copies of the tensors (1-D) presented as cuda:0 arrays, and the copies."""
+    hosts = [t.reshape(-1).clone() for t in tensors]
+    return [FakeCudaArray.over(h) for h in hosts], hosts
+
+
+def kernels_launched():
+    return [name.split("<")[0] for name, _grid, _block in _cuda_sim.launch_log()]
+
+
+def result_dtype(tensors):
+    return np.float64 if any(t.dtype == torch.float64 for t in tensors) else np.float32
+
+
+# --------------------------------------------------------------------------
+# Norms
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
+@pytest.mark.parametrize("p", NORM_ORDERS, ids=NORM_IDS)
+def test_global_and_tensor_norms(dtype, p):
+    tensors = [make_torch(n, dtype, seed=i) for i, n in enumerate(SIZES)]
+    arrays, _ = on_sim(tensors)
+    rd = result_dtype(tensors)
+    total = gradclip.global_norm(arrays, ord=p)
+    assert isinstance(total, np.generic) and total.dtype == rd  # a "device" 0-d result, not a float
+    assert_norm_close(total, ref_norm(tensors, p), p, rd)
+    norms = gradclip.tensor_norms(arrays, ord=p)
+    assert norms.dtype == rd and norms.shape == (len(tensors),)
+    for got, t in zip(norms, tensors):
+        assert_norm_close(got, ref_norm([t], p), p, rd)
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel"] * 2
+
+
+def test_an_array_listed_twice_is_counted_once_and_reported_in_list_order():
+    tensors = [make_torch(n, torch.float32, seed=20 + i) for i, n in enumerate([100, CHUNK + 1, 5])]
+    arrays, hosts = on_sim(tensors)
+    listed = [arrays[0], arrays[1], arrays[0], arrays[2], arrays[1]]
+    norms = gradclip.tensor_norms(listed)
+    expected = [ref_norm([tensors[i]], 2.0) for i in (0, 1, 0, 2, 1)]
+    for got, e in zip(norms, expected):
+        assert_norm_close(got, e, 2.0, np.float32)
+    total = ref_norm(tensors, 2.0)
+    assert_norm_close(gradclip.global_norm(listed), total, 2.0, np.float32)
+    gradclip.clip_by_global_norm_(listed, 0.5)  # each array scaled once
+    for h, t in zip(hosts, tensors):
+        assert_scaled(h, t, 0.5, total, norm_rtol(2.0))
+
+
+def test_empty_list_and_empty_arrays():
+    assert float(gradclip.global_norm([])) == 0.0
+    arrays, _ = on_sim([torch.zeros(0), torch.zeros(0, dtype=torch.float16)])
+    assert float(gradclip.global_norm(arrays)) == 0.0
+    assert gradclip.tensor_norms(arrays).tolist() == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------
+# Clipping
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
+@pytest.mark.parametrize("p", NORM_ORDERS, ids=NORM_IDS)
+def test_clip_by_global_norm(dtype, p):
+    tensors = [make_torch(n, dtype, seed=40 + i) for i, n in enumerate(SIZES)]
+    arrays, hosts = on_sim(tensors)
+    total = ref_norm(tensors, p)
+    got = gradclip.clip_by_global_norm_(arrays, 0.5, ord=p)
+    assert_norm_close(got, total, p, result_dtype(tensors))
+    for h, t in zip(hosts, tensors):
+        assert_scaled(h, t, 0.5, total, norm_rtol(p))
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel", "scale_kernel"]
+
+
+def test_unclipped_call_changes_no_bit_and_still_makes_three_launches():
+    tensors = [make_torch(n, torch.bfloat16, seed=60 + i) for i, n in enumerate(SIZES)]
+    arrays, hosts = on_sim(tensors)
+    gradclip.clip_by_global_norm_(arrays, 1e9)
+    for h, t in zip(hosts, tensors):
+        assert_bitwise_equal(h, t)
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel", "scale_kernel"]
+
+
+def test_clip_by_norm_per_array_and_normalize():
+    tensors = [make_torch(n, torch.float32, seed=70 + i, scale=s) for i, (n, s) in
+               enumerate([(300, 1.0), (CHUNK + 5, 0.001), (64, 3.0)])]
+    arrays, hosts = on_sim(tensors)
+    gradclip.clip_by_norm_(arrays, 2.0)
+    for h, t in zip(hosts, tensors):
+        norm = ref_norm([t], 2.0)
+        if ref_coef(2.0, norm) == 1.0:
+            assert_bitwise_equal(h, t)
+        else:
+            assert_scaled(h, t, 2.0, norm, norm_rtol(2.0))
+    arrays, hosts = on_sim(tensors)
+    gradclip.normalize_(arrays, 3.0)
+    total = ref_norm(tensors, 2.0)
+    lo, hi = 3.0 / (total * (1 + norm_rtol(2.0))), 3.0 / (total * (1 - norm_rtol(2.0)))
+    for h, t in zip(hosts, tensors):
+        e1, e2 = expected_scaled(t, lo), expected_scaled(t, hi)
+        got = h.double().numpy()
+        assert np.all((got >= np.minimum(e1, e2)) & (got <= np.maximum(e1, e2)))
+
+
+@pytest.mark.parametrize("bad", [NAN, INF], ids=["nan", "inf"])
+def test_error_if_nonfinite_raises_and_writes_nothing(bad):
+    tensors = [make_torch(CHUNK + 1, torch.float32, seed=80), make_torch(50, torch.float32, seed=81)]
+    tensors[1][9] = bad
+    arrays, hosts = on_sim(tensors)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gradclip.clip_by_global_norm_(arrays, 1e-3, error_if_nonfinite=True)
+    for h, t in zip(hosts, tensors):
+        assert_bitwise_equal(h, t)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
+def test_clip_by_value(dtype):
+    tensors = [make_torch(n, dtype, seed=90 + i, scale=2.0) for i, n in enumerate(SIZES)]
+    arrays, hosts = on_sim(tensors)
+    changed = gradclip.clip_by_value_(arrays, 1.0)
+    assert isinstance(changed, np.bool_) and bool(changed)  # a "device" flag, not a Python bool
+    for h, t in zip(hosts, tensors):
+        assert_bitwise_equal(h, t.clone().clamp_(-1.0, 1.0))
+    assert not bool(gradclip.clip_by_value_(arrays, 1.0))  # nothing left outside
+    assert kernels_launched() == ["clamp_kernel", "clamp_kernel"]
+
+
+# --------------------------------------------------------------------------
+# The torch drop-ins, with .grad attributes holding "CUDA" arrays
+# --------------------------------------------------------------------------
+
+
+def test_clip_grad_norm_drop_in():
+    tensors = [make_torch(n, torch.float32, seed=100 + i) for i, n in enumerate(SIZES)]
+    arrays, hosts = on_sim(tensors)
+    params = [SimpleNamespace(grad=a) for a in arrays] + [SimpleNamespace(grad=None)]
+    total = ref_norm(tensors, 2.0)
+    got = gradclip.clip_grad_norm_(params, 1.0)
+    assert_norm_close(got, total, 2.0, np.float32)
+    for h, t in zip(hosts, tensors):
+        assert_scaled(h, t, 1.0, total, norm_rtol(2.0))
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel", "scale_kernel"]
+
+
+@pytest.mark.parametrize("norm_dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
+def test_clip_grads_with_a_norm_in_device_memory(norm_dtype):
+    # The coefficient is computed on the device from the norm where it lies:
+    # one launch, no read of the norm on the host.
+    tensors = [make_torch(n, torch.float32, seed=110 + i) for i, n in enumerate([CHUNK + 2, 9])]
+    arrays, hosts = on_sim(tensors)
+    norm_host = torch.tensor([4.0], dtype=norm_dtype)
+    norm = FakeCudaArray.over(norm_host)
+    gradclip.clip_grads_with_norm_([SimpleNamespace(grad=a) for a in arrays], 1.0, norm)
+    coef = ref_coef(1.0, 4.0, EPS)
+    for h, t in zip(hosts, tensors):
+        assert_bitwise_equal(h, torch.from_numpy(expected_scaled(t, coef)).to(t.dtype))
+    assert kernels_launched() == ["scale_kernel"]
+
+
+def test_clip_grad_value_drop_in():
+    tensors = [make_torch(n, torch.float16, seed=120 + i, scale=3.0) for i, n in enumerate(SIZES)]
+    arrays, hosts = on_sim(tensors)
+    gradclip.clip_grad_value_([SimpleNamespace(grad=a) for a in arrays], 0.5)
+    for h, t in zip(hosts, tensors):
+        assert_bitwise_equal(h, t.clone().clamp_(-0.5, 0.5))
+
+
+def test_the_backend_override_is_restored_and_checked():
+    _core._use_cuda_backend(None, None)
+    # The real path again: on this machine it cannot run a fake-address array
+    # and says why (no CUDA module, or no framework to allocate device memory).
+    with pytest.raises(ValueError, match="CUDA module|torch or CuPy"):
+        gradclip.global_norm([FakeCudaArray(100)])
+    assert _cuda_sim.launch_log() == []
+    with pytest.raises(TypeError):
+        _core._use_cuda_backend(object(), host_allocate)  # not a capsule
