@@ -474,6 +474,66 @@ def test_change_flags_over_two_launches():
 
 
 # --------------------------------------------------------------------------
+# No races: results do not depend on the order threads run between barriers
+# --------------------------------------------------------------------------
+
+SCHEDULES = [("forward", 0), ("reverse", 0), ("shuffled", 1), ("shuffled", 2)]
+
+
+@pytest.fixture
+def schedule_restored():
+    yield
+    _cuda_sim.set_schedule("forward")
+
+
+def race_inputs():
+    # Mixed dtypes; tensors of one segment, of several, of more than the
+    # finalize folds by one thread (8); float64 data that needs the rescue.
+    sizes = [1, 9, CHUNK - 3, CHUNK + 5, 9 * CHUNK + 3, 40]
+    tensors = [make_torch(n, TORCH_DTYPES[i % 4], seed=300 + i) for i, n in enumerate(sizes)]
+    tensors.append(torch.full((CHUNK + 1,), 1e200, dtype=torch.float64))
+    tensors.append(torch.full((33,), 1e-200, dtype=torch.float64))
+    return tensors
+
+
+RACE_JOBS = [
+    ("norms", dict(p=1.0)),
+    ("norms", dict(p=2.0)),
+    ("norms", dict(p=INF)),
+    ("norms", dict(p=3.0)),
+    ("clip_global", dict(limits=[0.5, 1e9], groups=[0, 1, 0, 1, 0, 1, 0, 1])),
+    ("clip_per_tensor", dict(limits=[2.0])),
+    ("normalize", dict(limits=[3.0])),
+    ("clamp", dict(clamp_limit=0.5)),
+]
+
+
+@pytest.mark.parametrize("job, kw", RACE_JOBS, ids=[f"{j}-{k.get('p', '')}" for j, k in RACE_JOBS])
+def test_results_do_not_depend_on_the_thread_schedule(job, kw, schedule_restored):
+    kw = dict(kw)
+    groups = kw.pop("groups", None)
+    seen = {}
+    for name, seed in SCHEDULES:
+        _cuda_sim.set_schedule(name, seed)
+        placed = Placed(race_inputs(), groups=groups)
+        r = placed.run(job, **kw)
+        del r["launches"]
+        seen[(name, seed)] = (repr(r), [bytes(v.view(torch.uint8).numpy()) for v in placed.views])
+    first = seen[SCHEDULES[0]]
+    for key, value in seen.items():
+        assert value[0] == first[0], f"results under the {key} schedule differ from thread order's"
+        assert value[1] == first[1], f"data written under the {key} schedule differs from thread order's"
+
+
+def test_a_planted_shared_memory_race_shows_across_schedules(schedule_restored):
+    reads = set()
+    for name, seed in SCHEDULES:
+        _cuda_sim.set_schedule(name, seed)
+        reads.add(tuple(_cuda_sim._race_probe()))
+    assert len(reads) > 1, "the schedules did not expose the planted race"
+
+
+# --------------------------------------------------------------------------
 # The simulator's own checks are live
 # --------------------------------------------------------------------------
 

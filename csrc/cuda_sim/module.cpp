@@ -150,6 +150,30 @@ __global__ void divergent_shuffle_kernel(int) {
 __global__ void misaligned_vector_kernel(const unsigned char* p) {
   (void)__ldg(reinterpret_cast<const uint4*>(p + 4));
 }
+// Reads a neighbour's shared-memory cell with no barrier after its write.
+__global__ void shared_race_kernel(double* out) {
+  __shared__ double cells[256];
+  cells[threadIdx.x] = -1.0;
+  __syncthreads();
+  cells[threadIdx.x] = threadIdx.x;
+  out[threadIdx.x] = cells[(threadIdx.x + 1) % 256];  // the missing __syncthreads belongs before this read
+}
+
+// What shared_race_kernel reads under the current schedule.
+std::vector<double> race_probe() {
+  std::vector<double> out(256);
+  GRADCLIP_LAUNCH(shared_race_kernel, 1, 256, nullptr)(out.data());
+  gradclip::simt::take_launch_log();
+  return out;
+}
+
+void set_schedule(const std::string& name, uint64_t seed) {
+  using gradclip::simt::Schedule;
+  if (name == "forward") gradclip::simt::set_schedule(Schedule::kForward, seed);
+  else if (name == "reverse") gradclip::simt::set_schedule(Schedule::kReverse, seed);
+  else if (name == "shuffled") gradclip::simt::set_schedule(Schedule::kShuffled, seed);
+  else throw py::value_error("schedule: 'forward', 'reverse' or 'shuffled', got '" + name + "'");
+}
 
 std::string probe(const std::string& defect) {
   alignas(16) unsigned char bytes[64] = {};
@@ -173,6 +197,10 @@ PYBIND11_MODULE(_cuda_sim, m) {
         py::arg("outputs") = std::vector<std::string>{"total", "per_group", "per_tensor", "flags"},
         "Runs one job of the CUDA backend on host memory. tensors: (address, numel, dtype name, group) "
         "tuples. Returns the outputs the kernels wrote, the kernel launches made and the workspace size.");
+  m.def("set_schedule", &set_schedule, py::arg("schedule"), py::arg("seed") = 0,
+        "The order the simulator resumes runnable threads in, from the next launch on: 'forward', 'reverse' "
+        "or 'shuffled' (a permutation from `seed` at every step).");
+  m.def("_race_probe", &race_probe, "What a kernel with a planted shared-memory race reads, under the current schedule.");
   m.def("launch_log", &launch_log,
         "The kernel launches made on this thread since the last call, as (kernel, grid, block) tuples.");
   m.def("plan_coverage", &gradclip::cuda_plan::check_coverage, py::arg("numels"), py::arg("elem_bytes"),

@@ -12,6 +12,7 @@
 
 #include <cstdio>
 #include <memory>
+#include <utility>
 
 thread_local SimDim3 threadIdx, blockIdx, blockDim, gridDim;
 
@@ -77,6 +78,8 @@ struct State {
   std::vector<LaunchRecord> log;
   const char* kernel = "";  // the kernel running, for messages
   int device = 0;
+  Schedule schedule = Schedule::kForward;
+  uint64_t rng = 0;  // splitmix64 state for kShuffled
 };
 
 State& state() {
@@ -113,6 +116,22 @@ bool released(const Block& b, unsigned thread) {
 
 const char* wait_name(Wait w) { return w == Wait::kBlock ? "__syncthreads" : "a warp shuffle"; }
 
+uint64_t splitmix64(uint64_t& x) {
+  uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// The order of one pass over the block's threads.
+void pass_order(std::vector<unsigned>& order, unsigned threads) {
+  State& s = state();
+  order.resize(threads);
+  for (unsigned t = 0; t < threads; ++t) order[t] = s.schedule == Schedule::kReverse ? threads - 1 - t : t;
+  if (s.schedule == Schedule::kShuffled)
+    for (unsigned t = threads - 1; t > 0; --t) std::swap(order[t], order[splitmix64(s.rng) % (t + 1)]);
+}
+
 void run_block(Block& b, const char* kernel) {
   for (unsigned t = 0; t < b.threads; ++t) {
     Fiber& f = b.fibers[t];
@@ -130,9 +149,11 @@ void run_block(Block& b, const char* kernel) {
   b.or_cells[0] = b.or_cells[1] = 0;
   for (unsigned w = 0; w < b.threads / kWarp; ++w) b.warp_arrived[w] = 0, b.warp_generation[w] = 0;
 
+  std::vector<unsigned> order;
   for (;;) {
     bool moved = false, alive = false;
-    for (unsigned t = 0; t < b.threads; ++t) {
+    pass_order(order, b.threads);
+    for (const unsigned t : order) {
       Fiber& f = b.fibers[t];
       if (f.done) continue;
       alive = true;
@@ -205,6 +226,11 @@ unsigned char* shuffle_slot(unsigned thread) {
 int* syncthreads_or_cell() {
   Block& b = current_block();
   return &b.or_cells[b.block_generation & 1];
+}
+
+void set_schedule(Schedule schedule, uint64_t seed) {
+  state().schedule = schedule;
+  state().rng = seed;
 }
 
 std::vector<LaunchRecord> take_launch_log() { return std::move(state().log); }

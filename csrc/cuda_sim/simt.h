@@ -4,17 +4,21 @@
 //
 // Execution model. A launch runs its blocks one after another; the threads of
 // a block are fibers (ucontext) on the calling thread, switched only at
-// barriers, so they interleave as a GPU's warps may: every thread runs up to
-// its next __syncthreads or shuffle before any passes it. Shared memory is a
+// barriers: every thread runs up to its next __syncthreads or shuffle before
+// any passes it. Which runnable thread goes first is the schedule's choice
+// (thread order, reverse order, or a seeded random order at every step); a
+// GPU may interleave threads between barriers in any way, so a kernel whose
+// results change with the schedule has a race. Shared memory is a
 // function-local static (one block at a time), kernel launches are
 // synchronous, streams are ignored, device memory is host memory.
 //
 // What it checks beyond the results: a barrier some threads of a block (or
 // lanes of a warp) never reach is reported as a launch failure instead of
 // hanging, and a 16-byte vector load from an address that is not 16-byte
-// aligned (a fault on a GPU) is reported too. What it cannot check: shared
-// memory races between barriers, the device's own rounding of pow() and the
-// timing of anything.
+// aligned (a fault on a GPU) is reported too; shared-memory races show as
+// results that differ between schedules (tests/test_cuda_sim.py compares
+// them). What it cannot check: races it never schedules into the open, the
+// device's own rounding of pow(), and the timing of anything.
 #pragma once
 
 #include <cstdint>
@@ -122,6 +126,11 @@ const char* cudaGetErrorString(cudaError_t error);
 
 // ---- kernel launches ----
 namespace gradclip::simt {
+
+enum class Schedule { kForward, kReverse, kShuffled };
+// The order runnable threads are resumed in, on this host thread, from the
+// next launch on (kShuffled: a fresh permutation from `seed` at every step).
+void set_schedule(Schedule schedule, uint64_t seed);
 
 struct LaunchRecord {
   std::string kernel;
