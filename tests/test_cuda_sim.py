@@ -33,6 +33,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import (
     EPS,
@@ -186,6 +188,30 @@ def test_more_tensors_than_one_launch_holds():
     for i in (0, LAUNCH_TENSORS - 1, LAUNCH_TENSORS, n - 1):
         assert_scaled(placed.views[i], tensors[i], 1.0, expected, norm_rtol(2.0))
     placed.assert_guards()
+
+
+@settings(max_examples=40)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.integers(0, 40), st.integers(CHUNK - 20, CHUNK + 20), st.integers(0, 3 * CHUNK)),
+            st.sampled_from(range(4)),
+            st.integers(0, 7),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.sampled_from(NORM_ORDERS),
+    st.integers(0, 2**31),
+)
+def test_random_lists_match_reference(tensors, p, seed):
+    dtypes = [TORCH_DTYPES[d] for _, d, _ in tensors]
+    data = [make_torch(n, dtype, seed=seed + i) for i, ((n, _, _), dtype) in enumerate(zip(tensors, dtypes))]
+    placed = Placed(data, shifts=[shift for _, _, shift in tensors])
+    r = placed.run("norms", p=p, out_f64=True)
+    for i, t in enumerate(data):
+        assert_norm_close(r["per_tensor"][i], ref_norm([t], p), p, np.float64)
+    assert_norm_close(r["total"], ref_norm(data, p), p, np.float64)
 
 
 # ---- overflow and underflow (the partials' rescue) ----
