@@ -154,8 +154,12 @@ def ref_norm(arrays: Iterable, p: float) -> float:
     """The p-norm of all arrays viewed as one vector, to about 1 ulp of float64.
 
     NaN if any element is NaN, else inf if any is inf. Elements are first scaled
-    by an exact power of two so that neither overflow nor underflow can occur,
-    and the power sum is ``math.fsum`` (exact summation, one final rounding).
+    by an exact power of two that puts the largest in [0.5, 1), so that nothing
+    overflows and, up to p = 500, the largest power (>= 2^-500) cannot
+    underflow; the power sum is ``math.fsum`` (exact summation, one final
+    rounding). For p > 500 they are divided by the largest instead (its power is
+    then exactly 1): one rounding per element, ~p ulps in its power, divided by
+    p again by the root.
     """
     x = np.abs(_flat(arrays))
     if x.size == 0:
@@ -176,8 +180,10 @@ def ref_norm(arrays: Iterable, p: float) -> float:
     elif p == 2.0:
         # s*s is exact for data that came from 16/32-bit floats; otherwise one rounding.
         root = math.sqrt(math.fsum((s * s).tolist()))
-    else:
+    elif p <= 500.0:
         root = math.fsum(np.power(s, p).tolist()) ** (1.0 / p)
+    else:
+        return m * math.fsum(np.power(x / m, p).tolist()) ** (1.0 / p)  # m * [1, n^(1/p)]: finite
     try:
         return math.ldexp(root, e)
     except OverflowError:  # the true norm exceeds float64 (e.g. L0.25 of many 1e300s)

@@ -28,6 +28,7 @@ from conftest import (
     make_torch,
     norm_rtol,
     ref_norm,
+    result_dtype_of,
 )
 
 # --------------------------------------------------------------------------
@@ -213,6 +214,25 @@ def test_fp32_large_p_overflow_and_underflow(p, magnitude):
     assert_norm_close(gradclip.global_norm([x], p), ref, p)
     t = torch.from_numpy(x)
     assert_norm_close(gradclip.get_total_norm([t, t.flip(0).clone()], p), ref_norm([x, x], p), p, torch.float32)
+
+
+@pytest.mark.parametrize("p", [1000.0, 1500.0, 3000.0, 1e5, 1e300], ids=["L1000", "L1500", "L3000", "L1e5", "L1e300"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=["f32", "f64", "f16"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_very_large_p_gives_the_finite_norm(p, dtype, scale):
+    # The rescue divides by the largest |x| for a generic p (core/norm_rescue.h):
+    # |x|^p of ordinary data overflows (1.5^p from p ~ 1750) or underflows to
+    # zero (0.5^p from p ~ 1075), and scaling by a power of two alone cannot
+    # avoid both. torch gives inf here (see the last assertion).
+    x = (make_numpy(4000, np.float64, 17) * scale).astype(dtype)
+    parts = [x[:1000], x[1000:1001], x[1001:]]
+    assert_norm_close(gradclip.global_norm(parts, p), ref_norm(parts, p), p)
+    for got, a in zip(gradclip.tensor_norms(parts, p), parts):
+        assert_norm_close(got, ref_norm([a], p), p)
+    t = torch.from_numpy(x)
+    assert_norm_close(gradclip.get_total_norm([t], p), ref_norm([x], p), p, result_dtype_of([t]))
+    if scale == 1.0 and p == 1500.0 and dtype == np.float64:
+        assert torch.linalg.vector_norm(t, ord=p) == INF
 
 
 def test_fp64_norm_beyond_float64_range_is_inf_but_just_below_is_finite():

@@ -938,6 +938,20 @@ def test_float64_overflow_and_underflow_rescue(p):
         assert_scaled(host(t), o, 1.0, ref, rtol)
 
 
+@pytest.mark.parametrize("p", [1500.0, 1e5], ids=["L1500", "L1e5"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_very_large_p_gives_the_finite_norm(dtype, p):
+    # Ordinary data: |x|^p overflows and underflows; the blocks are redone
+    # divided by their largest |x| (core/norm_rescue.h). torch gives inf.
+    g = Guarded(dtype, seed=906, sizes=[3 * CHUNK + 7, 100, CHUNK - 1], transposed=False)
+    out_dtype = result_dtype_of(g.views)
+    values = host(gradclip.tensor_norms(g.views, ord=p)).tolist()
+    for got, o in zip(values, g.originals):
+        assert_norm_close(got, ref_norm([o], p), p, out_dtype)
+    assert_norm_close(gradclip.global_norm(g.views, ord=p), ref_norm(g.originals, p), p, out_dtype)
+    g.assert_untouched()
+
+
 # --------------------------------------------------------------------------
 # Streams and CUDA graphs
 # --------------------------------------------------------------------------

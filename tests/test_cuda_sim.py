@@ -240,6 +240,21 @@ def test_partials_that_overflow_only_when_added(p):
         assert math.isclose(r["total"], expected, rel_tol=1e-12), (len(tensors), r["total"])
 
 
+@pytest.mark.parametrize("p", [1500.0, 1e5], ids=["L1500", "L1e5"])
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_very_large_p_gives_the_finite_norm(p, dtype, scale):
+    # Blocks whose power sums overflow or underflow are redone divided by
+    # their largest |x|; partials of different bases then meet in the folds
+    # (one tensor over several blocks, and the total over tensors).
+    tensors = [make_torch(n, dtype, seed=400 + i, scale=scale * (1 + i)) for i, n in
+               enumerate([3 * CHUNK + 7, 100, CHUNK - 1])]
+    r = Placed(tensors).run("norms", p=p, out_f64=True)
+    for i, t in enumerate(tensors):
+        assert_norm_close(r["per_tensor"][i], ref_norm([t], p), p, np.float64)
+    assert_norm_close(r["total"], ref_norm(tensors, p), p, np.float64)
+
+
 def test_generic_p_of_float32_is_rescued():
     x = torch.full((1000,), 1e38, dtype=torch.float32)  # |x|^10 overflows float64
     r = Placed([x]).run("norms", p=10.0, out_f64=True)

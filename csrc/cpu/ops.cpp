@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <thread>
 
+#include "core/norm_rescue.h"
 #include "core/thread_pool.h"
 #include "cpu/dispatch.h"
 
@@ -18,9 +19,6 @@ constexpr int64_t kChunkElems = int64_t(1) << 15;
 constexpr int64_t kTaskElems = int64_t(1) << 16;
 // Below this much work, waking the pool costs more than it saves.
 constexpr int64_t kParallelMinElems = int64_t(1) << 18;
-// Power sums below 2^-900 may have lost precision to float64 underflow; they are
-// recomputed with scaled elements.
-const double kTinyPowerSum = std::ldexp(1.0, -900);
 
 struct Chunk {
   int32_t span;
@@ -105,8 +103,9 @@ bool may_underflow(DType t, NormOrder order) {
   return order.kind == NormOrder::kP && order.p > 6.0;
 }
 
-// Rare path: the plain power sum overflowed or may have underflowed. Rescale
-// every element by 2^-e (exact), e the exponent of the largest |x|, and sum again.
+// Rare path: the plain power sum overflowed or may have underflowed (below
+// kTinyPowerSum). Sum again with every element divided by the rescue's base
+// (core/norm_rescue.h).
 double rescued_norm(const Span& s, NormOrder order) {
   const IsaKernels& isa = active_isa();
   double max_abs = 0.0;
@@ -114,11 +113,11 @@ double rescued_norm(const Span& s, NormOrder order) {
     max_abs = nan_max(max_abs,
                       isa.max_abs[int(s.dtype)](element_ptr(s, b), std::min(kChunkElems, s.numel - b), s.numel - b));
   if (max_abs == 0.0 || !std::isfinite(max_abs)) return max_abs;
-  const int e = std::ilogb(max_abs);
+  const double base = rescue_base(max_abs, order.kind == NormOrder::kP);
   double lanes[kLanes] = {};
   for (int64_t i = 0; i < s.numel; ++i)
-    lanes[i % kLanes] += element_power(std::ldexp(std::fabs(load_as_double(s.data, i, s.dtype)), -e), order);
-  return std::ldexp(root(fold_sum(lanes), order), e);
+    lanes[i % kLanes] += element_power(std::fabs(load_as_double(s.data, i, s.dtype)) / base, order);
+  return root(fold_sum(lanes), order) * base;
 }
 
 // One chunk's partial power sum: sum |x|^p, or max |x| for the inf norm.
@@ -228,15 +227,16 @@ void finish_norms(const std::vector<Span>& spans, NormOrder order, const Groupin
 }  // namespace
 
 double combine_norms(const std::vector<double>& norms, NormOrder order) {
-  // Scaled: norm = m * (sum (n_i / m)^p)^(1/p), m the largest, so that neither
-  // overflow nor underflow can occur. NaN propagates; an inf norm gives inf.
+  // The norms are elements of a vector whose norm this is, summed with the
+  // rescue's base (core/norm_rescue.h), so that neither overflow nor
+  // underflow can occur. NaN propagates; an inf norm gives inf.
   double m = 0.0;
   for (double v : norms) m = nan_max(m, v);
   if (order.kind == NormOrder::kInf || m == 0.0 || !std::isfinite(m)) return m;
-  const int e = std::ilogb(m);
+  const double base = rescue_base(m, order.kind == NormOrder::kP);
   double sum = 0.0;
-  for (double v : norms) sum += element_power(std::ldexp(v, -e), order);
-  return std::ldexp(root(sum, order), e);
+  for (double v : norms) sum += element_power(v / base, order);
+  return root(sum, order) * base;
 }
 
 Norms compute_norms(const std::vector<Span>& spans, NormOrder order, const Grouping& groups,

@@ -34,8 +34,8 @@ struct KnownPowerSums {
 };
 
 // Results do not depend on the thread count or the ISA (see isa_kernels.h).
-// Finite inputs never give an inf norm unless the true norm exceeds float64
-// (or p is above about 1000; see rescued_norm() and the README).
+// Finite inputs never give an inf norm unless the true norm exceeds float64,
+// for any p (see core/norm_rescue.h).
 // A group's norm is computed exactly as the total is, over that group's spans.
 // Power sums in `known` are taken as they are; only the other spans are read.
 Norms compute_norms(const std::vector<Span>& spans, NormOrder order, const Grouping& groups = {},

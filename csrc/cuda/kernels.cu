@@ -164,7 +164,7 @@ __device__ double block_fold(double v, double* smem) {
 }
 
 __device__ __forceinline__ Partial shfl_down_partial(Partial a, int off) {
-  return {__shfl_down_sync(0xffffffffu, a.sum, off), __shfl_down_sync(0xffffffffu, a.scale, off), 0};
+  return {__shfl_down_sync(0xffffffffu, a.sum, off), __shfl_down_sync(0xffffffffu, a.base, off)};
 }
 
 __device__ Partial warp_combine(Partial a, Kind kind, double p) {
@@ -180,7 +180,7 @@ __device__ Partial block_combine(Partial a, Kind kind, double p, Partial* smem) 
   if (lane == 0) smem[warp] = a;
   __syncthreads();
   if (warp == 0) {
-    a = lane < int(blockDim.x >> 5) ? smem[lane] : Partial{0.0, 0, 0};
+    a = lane < int(blockDim.x >> 5) ? smem[lane] : Partial{0.0, 1.0};
     a = warp_combine(a, kind, p);
     if (lane == 0) smem[32] = a;
   }
@@ -234,10 +234,10 @@ __device__ Partial segment_power(const T* x, int64_t n, double p, double* smem) 
   if constexpr (kRescue) {
     const double m = block_fold<true>(max_abs, smem);
     if (needs_rescue(sum, m)) {
-      // Rare: redo with every element scaled by 2^-e (exact), as the CPU does.
-      const int e = ilogb(m);
+      // Rare: redo with every element divided by the rescue's base, as the CPU does.
+      const double base = rescue_base(m, K == Kind::kP);
       acc = 0.0;
-      auto visit_scaled = [&](double v) { acc = step<K>(acc, ldexp_exact(fabs(v), -e), p); };
+      auto visit_scaled = [&](double v) { acc = step<K>(acc, fabs(v) / base, p); };
       walk_segment(
           sp, kPer, threadIdx.x, kThreads, [&](int64_t i) { visit_scaled(to_c(load_ro(x + i))); },
           [&](int64_t v) {
@@ -245,10 +245,10 @@ __device__ Partial segment_power(const T* x, int64_t n, double p, double* smem) 
             w.raw = __ldg(vectors + v);
             for (int k = 0; k < kPer; ++k) visit_scaled(to_c(w.lane[k]));
           });
-      return {block_fold<false>(acc, smem), e, 0};
+      return {block_fold<false>(acc, smem), base};
     }
   }
-  return {sum, 0, 0};
+  return {sum, 1.0};
 }
 
 template <Kind K>
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid
     const int64_t s = tag_start(f.tags[t]), e = tag_start(f.tags[t + 1]);
     const int64_t b0 = first_block(s), b1 = end_block(s, e);
     if (b1 - b0 > kSerialFoldSegments) continue;
-    Partial acc{0.0, 0, 0};
+    Partial acc{0.0, 1.0};
     for (int64_t b = b0; b < b1; ++b) acc = combine(acc, f.partials[segment_slot(t, b)], f.kind, f.p);
     f.tensor_sums[t] = acc;
   }
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid
     const int64_t s = tag_start(f.tags[t]), e = tag_start(f.tags[t + 1]);
     const int64_t b0 = first_block(s), b1 = end_block(s, e);
     if (b1 - b0 <= kSerialFoldSegments) continue;
-    Partial acc{0.0, 0, 0};
+    Partial acc{0.0, 1.0};
     for (int64_t b = b0 + lane; b < b1; b += 32) acc = combine(acc, f.partials[segment_slot(t, b)], f.kind, f.p);
     acc = warp_combine(acc, f.kind, f.p);
     if (lane == 0) f.tensor_sums[t] = acc;
@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid
     if (f.out.per_tensor) store_norm(f.out.per_tensor, t, norm, f.out.out_f64);
   }
   // The total, then each group's norm and coefficient: a strided fold, then a tree.
-  Partial all{0.0, 0, 0};
+  Partial all{0.0, 1.0};
   for (int64_t t = tid; t < f.n; t += kFinalizeThreads) all = combine(all, f.tensor_sums[t], f.kind, f.p);
   const double total = partial_norm(block_combine(all, f.kind, f.p, smem), f.kind, f.p);
   // Finite tensors whose total overflows, as stored, count too (torch tests the total).
@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid
   for (int g = 0; g < f.n_groups; ++g) {
     double norm = total;
     if (f.n_groups > 1) {
-      Partial acc{0.0, 0, 0};
+      Partial acc{0.0, 1.0};
       for (int64_t t = tid; t < f.n; t += kFinalizeThreads)
         if (tag_group(f.tags[t]) == g) acc = combine(acc, f.tensor_sums[t], f.kind, f.p);
       norm = partial_norm(block_combine(acc, f.kind, f.p, smem), f.kind, f.p);

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "core/hd.h"
+#include "core/norm_rescue.h"
 
 namespace gradclip::cuda_plan {
 
@@ -159,75 +160,57 @@ GRADCLIP_HD void walk_segment(const SegmentSplit& s, int64_t per_vector, int thr
 }
 
 // ---- partial power sums that survive overflow and underflow ----
-// A partial stands for sum * 2^(scale * p): its elements were multiplied by
-// 2^-scale (exact) before their p-th powers were summed. scale is 0 unless the
-// plain sum overflowed or underflowed (then it is the exponent of the largest
-// |x|, as in the CPU's rescue). For the inf norm, sum is the max and scale 0.
+// A partial stands for sum * base^p (sum * base for L1): its elements were
+// divided by `base` before their powers were summed. base is 1 unless the
+// plain sum overflowed or underflowed; then it is the rescue's base
+// (core/norm_rescue.h), as on the CPU. For the inf norm, sum is the max and
+// base 1.
 struct Partial {
   double sum;
-  int32_t scale;
-  int32_t pad;
+  double base;
 };
 
 enum class Kind : int32_t { kL1 = 0, kL2 = 1, kInf = 2, kP = 3 };
 
-// Plain power sums below this may have lost precision to underflow (the CPU's threshold).
-constexpr double kTinyPowerSum = 0x1p-900;
-// Plain power sums above this are redone on a scale: then every plain partial
-// is at most 2^900, and adding up any number of them (< 2^123) cannot overflow
-// where the true sum is finite.
+// Plain power sums above this are redone with a base: then every plain
+// partial is at most 2^900, and adding up any number of them (< 2^123) cannot
+// overflow where the true sum is finite.
 constexpr double kHugePowerSum = 0x1p900;
-
-// 2^k for -1022 <= k <= 1023, built from its bits.
-GRADCLIP_HD double pow2(int k) {
-  union { uint64_t u; double d; } v;
-  v.u = uint64_t(k + 1023) << 52;
-  return v.d;
-}
-
-// x * 2^e in exact power-of-two steps (2^e itself may not be representable
-// for |e| > 1022). Values that leave the range round as IEEE does.
-GRADCLIP_HD double ldexp_exact(double x, int e) {
-  while (e > 1023) { x *= pow2(1023); e -= 1023; }
-  while (e < -1022) { x *= pow2(-1022); e += 1022; }
-  return x * pow2(e);
-}
 
 GRADCLIP_HD bool is_nan(double x) { return x != x; }
 
 // NaN-propagating max.
 GRADCLIP_HD double nan_max(double a, double b) { return (is_nan(a) || a >= b) ? a : b; }
 
-// sum * 2^(shift * p) for shift <= 0, as used to bring a partial to a larger scale.
-GRADCLIP_HD double rescale_sum(double sum, int shift, Kind kind, double p) {
-  if (shift == 0 || sum == 0.0) return sum;
+// sum * ratio^p for 0 < ratio < 1: a partial brought to a larger base. Terms
+// that underflow here are below 2^-1022 of a partial of at least 2^-900
+// (smaller plain partials are rescued), far below its last bit.
+GRADCLIP_HD double rescale_sum(double sum, double ratio, Kind kind, double p) {
   switch (kind) {
-    case Kind::kL1: return ldexp_exact(sum, shift);
-    case Kind::kL2: return ldexp_exact(sum, 2 * shift);
-    default: return sum * pow(2.0, double(shift) * p);
+    case Kind::kL1: return sum * ratio;
+    case Kind::kL2: return sum * ratio * ratio;  // exact: L2 bases are powers of two
+    default: return sum * pow(ratio, p);
   }
 }
 
 // Folds b into a (a += b) for a p-norm power sum; for the inf norm, the max.
 GRADCLIP_HD Partial combine(Partial a, Partial b, Kind kind, double p) {
-  if (kind == Kind::kInf) return {nan_max(a.sum, b.sum), 0, 0};
+  if (kind == Kind::kInf) return {nan_max(a.sum, b.sum), 1.0};
   if (b.sum == 0.0) return a;
   if (a.sum == 0.0) return b;
-  if (a.scale == b.scale) return {a.sum + b.sum, a.scale, 0};
-  if (a.scale > b.scale) return {a.sum + rescale_sum(b.sum, b.scale - a.scale, kind, p), a.scale, 0};
-  return {rescale_sum(a.sum, a.scale - b.scale, kind, p) + b.sum, b.scale, 0};
+  if (a.base == b.base) return {a.sum + b.sum, a.base};
+  if (a.base > b.base) return {a.sum + rescale_sum(b.sum, b.base / a.base, kind, p), a.base};
+  return {rescale_sum(a.sum, a.base / b.base, kind, p) + b.sum, b.base};
 }
 
-// The norm a partial stands for: (sum * 2^(scale * p))^(1/p) = sum^(1/p) * 2^scale.
+// The norm a partial stands for: (sum * base^p)^(1/p) = sum^(1/p) * base.
 GRADCLIP_HD double partial_norm(Partial a, Kind kind, double p) {
-  double r;
   switch (kind) {
-    case Kind::kL1: r = a.sum; break;
-    case Kind::kL2: r = sqrt(a.sum); break;
+    case Kind::kL1: return a.sum * a.base;
+    case Kind::kL2: return sqrt(a.sum) * a.base;
     case Kind::kInf: return a.sum;
-    default: r = pow(a.sum, 1.0 / p); break;
+    default: return pow(a.sum, 1.0 / p) * a.base;
   }
-  return ldexp_exact(r, a.scale);
 }
 
 // Whether a block's plain power sum must be redone with scaled elements: it
