@@ -88,7 +88,9 @@ inline T __ldg(const T* p) {
 inline uint4 __ldg(const uint4* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
     gradclip::simt::report("misaligned 16-byte vector load in " + gradclip::simt::where());
-  return *p;
+  uint4 v;
+  std::memcpy(&v, p, sizeof v);  // defined on the host even when misaligned (the report says it is wrong)
+  return v;
 }
 
 // ---- barriers and warp shuffles ----
