@@ -382,13 +382,13 @@ def protect(mm):
 """
 
 
-def check_read_only_script(body: str, mode: str) -> None:
+def check_read_only_script(body: str, mode: str, *args: str) -> None:
     """Runs a read-only-pages script in a fresh interpreter (a crash must not
-    take pytest down), with ``sys.argv[1] = mode``. In mode "no-write" the body
-    must print "no write" and exit 0; in mode "control" (the positive control:
-    a call that must write) it must die with SIGSEGV."""
-    proc = subprocess.run([sys.executable, "-c", _READ_ONLY_PRELUDE + body, mode], capture_output=True, text=True,
-                          timeout=120)
+    take pytest down), with ``sys.argv[1:] = [mode, *args]``. In mode
+    "no-write" the body must print "no write" and exit 0; in mode "control"
+    (the positive control: a call that must write) it must die with SIGSEGV."""
+    proc = subprocess.run([sys.executable, "-c", _READ_ONLY_PRELUDE + body, mode, *args], capture_output=True,
+                          text=True, timeout=120)
     if mode == "control":
         assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stdout, proc.stderr[-2000:])
     else:

@@ -61,7 +61,9 @@ _cuda_sim = require_cuda_sim()
 
 CHUNK = _cuda_sim.chunk
 LAUNCH_TENSORS = _cuda_sim.max_tensors_per_launch
-EDGE_SIZES = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 5]
+# Around the vector widths and the chunk edges, and one of more than 8 blocks
+# (the finalize folds such a tensor's partials with a warp, not one thread).
+EDGE_SIZES = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 5, 9 * CHUNK + 3]
 GUARD = 40
 NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -325,17 +327,21 @@ x.copy_(torch.linspace(-1, 1, x.numel()))
 n = x.numel() - 3
 spec = [(x.data_ptr() + 4, n, "float32", 0)]  # misaligned: a head, vectors and a tail
 protect(mm)
-limit = 1e9 if sys.argv[1] == "no-write" else 1e-3
-_cuda_sim.run(spec, "clip_global", limits=[limit])
+job, mode = sys.argv[2], sys.argv[1]
+if job == "clip_global":
+    _cuda_sim.run(spec, job, limits=[1e9 if mode == "no-write" else 1e-3])
+else:
+    _cuda_sim.run(spec, job, clamp_limit=2.0 if mode == "no-write" else 0.5)
 print("no write")
 """
 
 
+@pytest.mark.parametrize("job", ["clip_global", "clamp"])
 @pytest.mark.parametrize("mode", ["no-write", "control"])
-def test_unclipped_call_makes_no_store(mode):
-    # On read-only pages any store kills the process; the control call clips
-    # and must die, which shows the pages really are read-only.
-    check_read_only_script(_READ_ONLY_BODY, mode)
+def test_nothing_to_do_makes_no_store(mode, job):
+    # On read-only pages any store kills the process; the control call has
+    # work to do and must die, which shows the pages really are read-only.
+    check_read_only_script(_READ_ONLY_BODY, mode, job)
 
 
 def test_per_tensor_clip():
@@ -478,8 +484,27 @@ def test_value_clip_bit_exact_with_torch(dtype, clip_value):
         else:
             expected = t.clone().clamp_(-clip_value, clip_value)
         assert_same_or_both_nan(view, expected, f"clamp of {NAMES[dtype]}")
-    assert_bitwise_equal(placed.views[0][:1], tensors[0][:1], "NaN payload")  # an unchanged NaN keeps its bits
     placed.assert_guards()
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
+def test_value_clip_keeps_nan_payloads(dtype):
+    # NaN is never outside the bounds: its bits (sign, payload) stay, in the
+    # scalar head and tail and inside a vector whose other lanes are clamped.
+    int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty(0, dtype=dtype).element_size()]
+    # Negative quiet NaNs with non-canonical payloads: 0xffc12345, 0xfff9876543210fed, 0xfe55, 0xffc5.
+    payload = {torch.float32: 0xFFC12345 - 2**32, torch.float64: 0xFFF9876543210FED - 2**64,
+               torch.float16: 0xFE55 - 2**16, torch.bfloat16: 0xFFC5 - 2**16}[dtype]
+    x = torch.full((64,), 9.0, dtype=dtype)
+    for i in (0, 9, 63):
+        x[i : i + 1].view(int_type)[0] = payload
+    assert bool(x.isnan().sum() == 3)
+    placed = Placed([x], shifts=[1])
+    placed.run("clamp", clamp_limit=1.0)
+    got = placed.views[0]
+    assert torch.equal(got.view(int_type)[[0, 9, 63]], x.view(int_type)[[0, 9, 63]]), "a NaN payload changed"
+    others = [i for i in range(64) if i not in (0, 9, 63)]
+    assert bool((got[others] == 1.0).all())
 
 
 def test_change_flags_mark_exactly_the_blocks_that_changed():
@@ -518,7 +543,7 @@ def test_change_flags_over_two_launches():
 # No races: results do not depend on the order threads run between barriers
 # --------------------------------------------------------------------------
 
-SCHEDULES = [("forward", 0), ("reverse", 0), ("shuffled", 1), ("shuffled", 2)]
+SCHEDULES = [("forward", 0), ("reverse", 0), ("shuffled", 1), ("shuffled", 2), ("warp_first", 0)]
 
 
 @pytest.fixture
@@ -553,13 +578,19 @@ RACE_JOBS = [
 def test_results_do_not_depend_on_the_thread_schedule(job, kw, schedule_restored):
     kw = dict(kw)
     groups = kw.pop("groups", None)
-    seen = {}
+    results, seen = {}, {}
     for name, seed in SCHEDULES:
         _cuda_sim.set_schedule(name, seed)
         placed = Placed(race_inputs(), groups=groups)
         r = placed.run(job, **kw)
         del r["launches"]
+        results[(name, seed)] = r
         seen[(name, seed)] = (repr(r), [bytes(v.view(torch.uint8).numpy()) for v in placed.views])
+    if job == "norms":  # the common result must also be the right one
+        r, tensors = results[SCHEDULES[0]], race_inputs()
+        for i, t in enumerate(tensors):
+            assert_norm_close(r["per_tensor"][i], ref_norm([t], kw["p"]), kw["p"], np.float64)
+        assert_norm_close(r["total"], ref_norm(tensors, kw["p"]), kw["p"], np.float64)
     first = seen[SCHEDULES[0]]
     for key, value in seen.items():
         assert value[0] == first[0], f"results under the {key} schedule differ from thread order's"
@@ -580,12 +611,21 @@ def test_a_planted_shared_memory_race_shows_across_schedules(schedule_restored):
 
 
 @pytest.mark.parametrize("defect, message", [
-    ("divergent_barrier", "wait at __syncthreads"),
-    ("divergent_shuffle", "wait at a warp shuffle"),
-    ("misaligned_vector", "misaligned 16-byte vector load"),
+    ("divergent_barrier", "128 threads wait at __syncthreads"),
+    ("divergent_shuffle", "32 at a warp shuffle"),
+    ("misaligned_vector", "misaligned 16-byte vector access in misaligned_vector_kernel"),
+    ("misaligned_store", "misaligned 16-byte vector access in misaligned_store_kernel"),
+    ("empty_grid", "cudaErrorInvalidConfiguration"),
 ])
 def test_simulator_reports_planted_defects(defect, message):
     assert message in _cuda_sim._probe(defect)
+
+
+def test_shared_memory_starts_every_block_unwritten():
+    # On a GPU a block's shared memory holds garbage; here NaN bytes, filled
+    # anew for each block (block 0 wrote the cell; block 1 must not see it).
+    first, second = _cuda_sim._unwritten_shared_probe()
+    assert first == 1.0 and math.isnan(second)
 
 
 def test_a_refused_request_launches_nothing():
@@ -593,4 +633,5 @@ def test_a_refused_request_launches_nothing():
     placed = Placed([x], groups=[3])
     with pytest.raises(RuntimeError, match="group has no limit"):
         placed.run("clip_global", limits=[1e-3])
+    assert _cuda_sim.launch_log() == []
     placed.assert_unchanged()

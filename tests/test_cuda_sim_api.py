@@ -47,7 +47,7 @@ from fake_cuda import FakeCudaArray
 _cuda_sim = require_cuda_sim()
 
 CHUNK = _cuda_sim.chunk
-SIZES = [1, 7, 16, 33, CHUNK - 1, CHUNK + 3, 2 * CHUNK + 1]
+SIZES = [1, 7, 16, 33, CHUNK - 1, CHUNK + 3, 2 * CHUNK + 1, 9 * CHUNK + 3]  # the last: > 8 blocks
 
 
 def host_allocate(like, out_bytes: int, workspace_bytes: int):
@@ -126,13 +126,17 @@ def test_an_array_listed_twice_is_counted_once_and_reported_in_list_order():
     gradclip.clip_by_global_norm_(listed, 0.5)  # each array scaled once
     for h, t in zip(hosts, tensors):
         assert_scaled(h, t, 0.5, total, norm_rtol(2.0))
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel"] * 2 + ["norm_kernel", "finalize_kernel",
+                                                                         "scale_kernel"]
 
 
 def test_empty_list_and_empty_arrays():
     assert float(gradclip.global_norm([])) == 0.0
+    assert kernels_launched() == []  # no array, no device
     arrays, _ = on_sim([torch.zeros(0), torch.zeros(0, dtype=torch.float16)])
     assert float(gradclip.global_norm(arrays)) == 0.0
     assert gradclip.tensor_norms(arrays).tolist() == [0.0, 0.0]
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel"] * 2
 
 
 # --------------------------------------------------------------------------
@@ -167,6 +171,7 @@ def test_clip_by_norm_per_array_and_normalize():
                enumerate([(300, 1.0), (CHUNK + 5, 0.001), (64, 3.0)])]
     arrays, hosts = on_sim(tensors)
     gradclip.clip_by_norm_(arrays, 2.0)
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel", "scale_kernel"]
     for h, t in zip(hosts, tensors):
         norm = ref_norm([t], 2.0)
         if ref_coef(2.0, norm) == 1.0:
@@ -175,6 +180,7 @@ def test_clip_by_norm_per_array_and_normalize():
             assert_scaled(h, t, 2.0, norm, norm_rtol(2.0))
     arrays, hosts = on_sim(tensors)
     gradclip.normalize_(arrays, 3.0)
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel", "scale_kernel"]
     total = ref_norm(tensors, 2.0)
     lo, hi = 3.0 / (total * (1 + norm_rtol(2.0))), 3.0 / (total * (1 - norm_rtol(2.0)))
     for h, t in zip(hosts, tensors):
@@ -192,6 +198,8 @@ def test_error_if_nonfinite_raises_and_writes_nothing(bad):
         gradclip.clip_by_global_norm_(arrays, 1e-3, error_if_nonfinite=True)
     for h, t in zip(hosts, tensors):
         assert_bitwise_equal(h, t)
+    # The rescale still runs (the hold is decided on the device) and writes nothing.
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel", "scale_kernel"]
 
 
 @pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
@@ -244,6 +252,7 @@ def test_clip_grad_value_drop_in():
     gradclip.clip_grad_value_([SimpleNamespace(grad=a) for a in arrays], 0.5)
     for h, t in zip(hosts, tensors):
         assert_bitwise_equal(h, t.clone().clamp_(-0.5, 0.5))
+    assert kernels_launched() == ["clamp_kernel"]
 
 
 def test_the_backend_override_is_restored_and_checked():
@@ -253,5 +262,19 @@ def test_the_backend_override_is_restored_and_checked():
     with pytest.raises(ValueError, match="CUDA module|torch or CuPy"):
         gradclip.global_norm([FakeCudaArray(100)])
     assert _cuda_sim.launch_log() == []
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError):
         _core._use_cuda_backend(object(), host_allocate)  # not a capsule
+    with pytest.raises(ValueError, match="incorrect name"):
+        _core._use_cuda_backend(_core_capsule_named(b"not.gradclip"), host_allocate)
+    with pytest.raises(TypeError, match="allocate"):
+        _core._use_cuda_backend(_cuda_sim._api, None)
+
+
+def _core_capsule_named(name: bytes):
+    """A capsule with another name (and a pointer nobody may read)."""
+    import ctypes
+
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    _core_capsule_named.keep = name  # the capsule keeps a pointer to its name
+    return new(ctypes.c_void_p(8), name, None)

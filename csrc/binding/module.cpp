@@ -528,7 +528,10 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("_use_cuda_backend", [](py::object capsule, py::object allocate) {
     if (capsule.is_none()) return binding::use_cuda_backend(nullptr, py::none());
-    binding::use_cuda_backend(static_cast<const cuda::Api*>(capsule.cast<py::capsule>().get_pointer()), allocate);
+    auto* api = static_cast<const cuda::Api*>(PyCapsule_GetPointer(capsule.ptr(), "gradclip._cuda.api"));
+    if (!api) throw py::error_already_set();  // not a capsule, or not gradclip's table
+    if (!PyCallable_Check(allocate.ptr())) throw py::type_error("allocate: must be callable");
+    binding::use_cuda_backend(api, allocate);
   }, py::arg("api"), py::arg("allocate"), "Test hook: see binding/cuda_bridge.h.");
 
   m.def("clip_coefficient", &clip_coefficient, py::arg("max_norm"), py::arg("norm"), py::arg("eps"));

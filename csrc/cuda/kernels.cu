@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #define GRADCLIP_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#define GRADCLIP_SHARED(type, name, count) __shared__ type name[count]
 #endif
 
 #include <algorithm>
@@ -127,6 +128,15 @@ __device__ __forceinline__ double load_ro(const double* p) { return __ldg(p); }
 __device__ __forceinline__ f16_t load_ro(const f16_t* p) { return {__ldg(reinterpret_cast<const unsigned short*>(p))}; }
 __device__ __forceinline__ bf16_t load_ro(const bf16_t* p) { return {__ldg(reinterpret_cast<const unsigned short*>(p))}; }
 
+// 16-byte vector accesses; the host simulation checks their alignment.
+#ifdef GRADCLIP_HOST_SIM
+using gradclip::simt::load_vector;
+using gradclip::simt::store_vector;
+#else
+__device__ __forceinline__ uint4 load_vector(const uint4* p) { return *p; }
+__device__ __forceinline__ void store_vector(uint4* p, const uint4& v) { *p = v; }
+#endif
+
 template <class T>
 union Vec {
   static constexpr int kLanes = kVectorBytes / sizeof(T);
@@ -185,9 +195,10 @@ __device__ Partial block_combine(Partial a, Kind kind, double p, Partial* smem) 
     if (lane == 0) smem[32] = a;
   }
   __syncthreads();
-  const Partial r = smem[32];
-  __syncthreads();  // smem is reused by the next call
-  return r;
+  // No barrier is needed before smem is reused: the next call's first barrier
+  // comes after every thread has read smem[32] here, and nobody writes
+  // smem[32] before it (as in block_fold).
+  return smem[32];
 }
 
 // ---- walking a launch's blocks and segments ----
@@ -253,7 +264,7 @@ __device__ Partial segment_power(const T* x, int64_t n, double p, double* smem) 
 
 template <Kind K>
 __global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ NormParams prm) {
-  __shared__ double smem[33];
+  GRADCLIP_SHARED(double, smem, 33);
   const Table& tb = prm.table;
   if (blockIdx.x == 0)
     for (int i = threadIdx.x; i <= tb.n; i += kThreads) prm.tags_out[tb.first_tensor + i] = tb.tags[i];
@@ -276,7 +287,7 @@ __device__ void store_norm(void* out, int64_t i, double v, bool f64) {
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid_constant__ FinalizeParams f) {
-  __shared__ Partial smem[33];
+  GRADCLIP_SHARED(Partial, smem, 33);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   constexpr int kWarps = kFinalizeThreads / 32;
   // Each tensor's segments: a few by one thread, many by a warp.
@@ -355,10 +366,10 @@ __device__ void segment_scale(T* x, int64_t n, double coef) {
       sp, kPer, threadIdx.x, kThreads, [&](int64_t i) { x[i] = from_c(to_c(x[i]) * c, T{}); },
       [&](int64_t v) {
         Vec<T> w;
-        w.raw = vectors[v];
+        w.raw = load_vector(vectors + v);
 #pragma unroll
         for (int k = 0; k < kPer; ++k) w.lane[k] = from_c(to_c(w.lane[k]) * c, T{});
-        vectors[v] = w.raw;
+        store_vector(vectors + v, w.raw);
       });
 }
 
@@ -409,12 +420,12 @@ __device__ bool segment_clamp(T* x, int64_t n, double bound) {
       },
       [&](int64_t v) {
         Vec<T> w;
-        w.raw = vectors[v];
+        w.raw = load_vector(vectors + v);
         bool any = false;
 #pragma unroll
         for (int k = 0; k < kPer; ++k) any |= clamp_one(w.lane[k]);
         if (any) {
-          vectors[v] = w.raw;
+          store_vector(vectors + v, w.raw);
           changed = true;
         }
       });

@@ -152,11 +152,31 @@ __global__ void misaligned_vector_kernel(const unsigned char* p) {
 }
 // Reads a neighbour's shared-memory cell with no barrier after its write.
 __global__ void shared_race_kernel(double* out) {
-  __shared__ double cells[256];
+  GRADCLIP_SHARED(double, cells, 256);
   cells[threadIdx.x] = -1.0;
   __syncthreads();
   cells[threadIdx.x] = threadIdx.x;
   out[threadIdx.x] = cells[(threadIdx.x + 1) % 256];  // the missing __syncthreads belongs before this read
+}
+
+// Block 0 writes every cell; block 1 only the first half, then reads one of
+// the other half: what it finds is what an unwritten cell holds.
+__global__ void unwritten_shared_kernel(double* out) {
+  GRADCLIP_SHARED(double, cells, 256);
+  if (blockIdx.x == 0 || threadIdx.x < 128) cells[threadIdx.x] = 1.0;
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = cells[200];
+}
+__global__ void misaligned_store_kernel(unsigned char* p) {
+  if (threadIdx.x == 0) gradclip::simt::store_vector(reinterpret_cast<uint4*>(p + 8), uint4{0, 0, 0, 0});
+}
+
+// What unwritten_shared_kernel's two blocks read from cell 200.
+std::vector<double> unwritten_shared_probe() {
+  std::vector<double> out(2);
+  GRADCLIP_LAUNCH(unwritten_shared_kernel, 2, 256, nullptr)(out.data());
+  gradclip::simt::take_launch_log();
+  return out;
 }
 
 // What shared_race_kernel reads under the current schedule.
@@ -172,7 +192,8 @@ void set_schedule(const std::string& name, uint64_t seed) {
   if (name == "forward") gradclip::simt::set_schedule(Schedule::kForward, seed);
   else if (name == "reverse") gradclip::simt::set_schedule(Schedule::kReverse, seed);
   else if (name == "shuffled") gradclip::simt::set_schedule(Schedule::kShuffled, seed);
-  else throw py::value_error("schedule: 'forward', 'reverse' or 'shuffled', got '" + name + "'");
+  else if (name == "warp_first") gradclip::simt::set_schedule(Schedule::kWarpFirst, seed);
+  else throw py::value_error("schedule: 'forward', 'reverse', 'shuffled' or 'warp_first', got '" + name + "'");
 }
 
 std::string probe(const std::string& defect) {
@@ -180,6 +201,8 @@ std::string probe(const std::string& defect) {
   if (defect == "divergent_barrier") GRADCLIP_LAUNCH(divergent_barrier_kernel, 2, 256, nullptr)(0);
   else if (defect == "divergent_shuffle") GRADCLIP_LAUNCH(divergent_shuffle_kernel, 1, 64, nullptr)(0);
   else if (defect == "misaligned_vector") GRADCLIP_LAUNCH(misaligned_vector_kernel, 1, 32, nullptr)(bytes);
+  else if (defect == "misaligned_store") GRADCLIP_LAUNCH(misaligned_store_kernel, 1, 32, nullptr)(bytes);
+  else if (defect == "empty_grid") GRADCLIP_LAUNCH(divergent_barrier_kernel, 0, 256, nullptr)(0);
   else throw py::value_error("defect: unknown '" + defect + "'");
   gradclip::simt::take_launch_log();
   const cudaError_t e = cudaGetLastError();
@@ -198,8 +221,11 @@ PYBIND11_MODULE(_cuda_sim, m) {
         "Runs one job of the CUDA backend on host memory. tensors: (address, numel, dtype name, group) "
         "tuples. Returns the outputs the kernels wrote, the kernel launches made and the workspace size.");
   m.def("set_schedule", &set_schedule, py::arg("schedule"), py::arg("seed") = 0,
-        "The order the simulator resumes runnable threads in, from the next launch on: 'forward', 'reverse' "
-        "or 'shuffled' (a permutation from `seed` at every step).");
+        "The order the simulator resumes runnable threads in, from the next launch on: 'forward', 'reverse', "
+        "'shuffled' (a permutation from `seed` at every step) or 'warp_first' (warps in reverse order, each "
+        "run until it blocks).");
+  m.def("_unwritten_shared_probe", &unwritten_shared_probe,
+        "What two blocks read from a shared cell: written by block 0, not by block 1.");
   m.def("_race_probe", &race_probe, "What a kernel with a planted shared-memory race reads, under the current schedule.");
   m.def("launch_log", &launch_log,
         "The kernel launches made on this thread since the last call, as (kernel, grid, block) tuples.");

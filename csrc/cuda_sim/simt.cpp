@@ -24,21 +24,22 @@ constexpr unsigned kWarp = 32;
 // Each fiber calls the kernel with its parameters by value (up to 32 KB), so
 // its stack holds one copy of them besides the kernel's frames.
 constexpr size_t kStackBytes = 256 * 1024;
+// Inaccessible bytes below each stack: more than one frame's 32 KB of
+// parameters, so that an overflow cannot step over them into the next stack.
+constexpr size_t kGuardBytes = 64 * 1024;
 
-// A fiber stack with an inaccessible page below it: an overflow faults
+// A fiber stack with an inaccessible region below it: an overflow faults
 // instead of corrupting the neighbouring fiber's stack.
 struct Stack {
   void* base = nullptr;
   size_t bytes = 0;
   Stack() {
-    const size_t page = size_t(sysconf(_SC_PAGESIZE));
-    bytes = kStackBytes + page;
+    bytes = kStackBytes + kGuardBytes;
     base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED) {
-      std::perror("gradclip simt: mmap");
+    if (base == MAP_FAILED || mprotect(base, kGuardBytes, PROT_NONE) != 0) {
+      std::perror("gradclip simt: fiber stack");
       std::abort();
     }
-    mprotect(base, page, PROT_NONE);
   }
   ~Stack() { munmap(base, bytes); }
   Stack(const Stack&) = delete;
@@ -74,12 +75,15 @@ struct Block {
 struct State {
   std::unique_ptr<Block> block = std::make_unique<Block>();
   std::string error;     // sticky until cudaGetLastError
+  int error_code = 0;
   std::string reported;  // the last error cudaGetLastError returned
   std::vector<LaunchRecord> log;
   const char* kernel = "";  // the kernel running, for messages
   int device = 0;
   Schedule schedule = Schedule::kForward;
-  uint64_t rng = 0;  // splitmix64 state for kShuffled
+  uint64_t rng = 0;            // splitmix64 state for kShuffled
+  uint64_t block_serial = 0;   // counts the blocks run, for poison_shared
+  std::vector<std::pair<const void*, uint64_t>> poisoned;  // shared array -> block it was filled for
 };
 
 State& state() {
@@ -114,8 +118,6 @@ bool released(const Block& b, unsigned thread) {
   return true;
 }
 
-const char* wait_name(Wait w) { return w == Wait::kBlock ? "__syncthreads" : "a warp shuffle"; }
-
 uint64_t splitmix64(uint64_t& x) {
   uint64_t z = (x += 0x9e3779b97f4a7c15ull);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -123,13 +125,41 @@ uint64_t splitmix64(uint64_t& x) {
   return z ^ (z >> 31);
 }
 
-// The order of one pass over the block's threads.
+// The order of one pass over the block's threads (kForward, kReverse, kShuffled).
 void pass_order(std::vector<unsigned>& order, unsigned threads) {
   State& s = state();
   order.resize(threads);
   for (unsigned t = 0; t < threads; ++t) order[t] = s.schedule == Schedule::kReverse ? threads - 1 - t : t;
   if (s.schedule == Schedule::kShuffled)
     for (unsigned t = threads - 1; t > 0; --t) std::swap(order[t], order[splitmix64(s.rng) % (t + 1)]);
+}
+
+// Resumes thread t if it can move; returns whether it did.
+bool step(Block& b, unsigned t) {
+  Fiber& f = b.fibers[t];
+  if (f.done || !released(b, t)) return false;
+  f.wait = Wait::kNone;
+  threadIdx = {t, 0, 0};
+  swapcontext(&b.scheduler, &f.context);
+  return true;
+}
+
+// One pass: every thread that can move moves (up to its next wait). Returns
+// whether any did.
+bool run_pass(Block& b, std::vector<unsigned>& order) {
+  bool moved = false;
+  if (state().schedule == Schedule::kWarpFirst) {
+    for (unsigned w = b.threads / kWarp; w-- > 0;)
+      for (bool warp_moved = true; warp_moved;) {
+        warp_moved = false;
+        for (unsigned lane = 0; lane < kWarp; ++lane) warp_moved |= step(b, w * kWarp + lane);
+        moved |= warp_moved;
+      }
+    return moved;
+  }
+  pass_order(order, b.threads);
+  for (const unsigned t : order) moved |= step(b, t);
+  return moved;
 }
 
 void run_block(Block& b, const char* kernel) {
@@ -151,29 +181,20 @@ void run_block(Block& b, const char* kernel) {
 
   std::vector<unsigned> order;
   for (;;) {
-    bool moved = false, alive = false;
-    pass_order(order, b.threads);
-    for (const unsigned t : order) {
-      Fiber& f = b.fibers[t];
-      if (f.done) continue;
-      alive = true;
-      if (!released(b, t)) continue;
-      f.wait = Wait::kNone;
-      threadIdx = {t, 0, 0};
-      swapcontext(&b.scheduler, &f.context);
-      moved = true;
-    }
+    bool alive = false;
+    for (unsigned t = 0; t < b.threads; ++t) alive |= !b.fibers[t].done;
     if (!alive) return;
-    if (!moved) {
-      unsigned stuck = 0, finished = 0;
-      Wait at = Wait::kNone;
+    if (!run_pass(b, order)) {
+      unsigned at_block = 0, at_warp = 0, finished = 0;
       for (unsigned t = 0; t < b.threads; ++t) {
         if (b.fibers[t].done) ++finished;
-        else ++stuck, at = b.fibers[t].wait;
+        else if (b.fibers[t].wait == Wait::kBlock) ++at_block;
+        else ++at_warp;
       }
-      report(std::string(kernel) + ", block " + std::to_string(blockIdx.x) + ": " + std::to_string(stuck) +
-             " threads wait at " + wait_name(at) + " that " + std::to_string(finished) +
-             " finished threads (or other lanes) never reach");
+      report(std::string(kernel) + ", block " + std::to_string(blockIdx.x) + ": " + std::to_string(at_block) +
+             " threads wait at __syncthreads and " + std::to_string(at_warp) +
+             " at a warp shuffle that the other threads (" + std::to_string(finished) +
+             " finished) never reach");
       return;  // the stuck fibers are abandoned; their stacks are reset by the next block
     }
   }
@@ -181,9 +202,28 @@ void run_block(Block& b, const char* kernel) {
 
 }  // namespace
 
-void report(const std::string& problem) {
-  std::string& e = state().error;
-  if (e.empty()) e = problem;
+void report(const std::string& problem, int code) {
+  State& s = state();
+  if (!s.error.empty()) return;
+  s.error = problem;
+  s.error_code = code;
+}
+
+void poison_shared(void* array, size_t bytes) {
+  State& s = state();
+  for (auto& entry : s.poisoned)
+    if (entry.first == array) {
+      if (entry.second == s.block_serial) return;  // already filled for this block
+      entry.second = s.block_serial;
+      std::memset(array, 0xff, bytes);
+      return;
+    }
+  s.poisoned.emplace_back(array, s.block_serial);
+  std::memset(array, 0xff, bytes);
+}
+
+void check_vector_address(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) report("misaligned 16-byte vector access in " + where());
 }
 
 std::string where() {
@@ -239,10 +279,16 @@ void run_grid(const char* kernel, unsigned grid, unsigned block, void (*body)(co
   State& s = state();
   s.log.push_back({kernel, grid, block});
   s.kernel = kernel;
-  if (block == 0 || block > kMaxBlockThreads || block % kWarp != 0) {
-    report(std::string(kernel) + ": the simulator runs blocks of whole warps, at most 1024 threads");
+  if (grid == 0 || grid > 0x7fffffffu) {
+    report(std::string(kernel) + ": a grid of " + std::to_string(grid) + " blocks", cudaErrorInvalidConfiguration);
     return;
   }
+  if (block == 0 || block > kMaxBlockThreads || block % kWarp != 0) {
+    report(std::string(kernel) + ": the simulator runs blocks of whole warps, at most 1024 threads",
+           cudaErrorInvalidConfiguration);
+    return;
+  }
+  const bool failed_before = !s.error.empty();  // an earlier launch's error, not yet collected
   Block& b = *s.block;
   b.threads = block;
   b.body = body;
@@ -251,8 +297,9 @@ void run_grid(const char* kernel, unsigned grid, unsigned block, void (*body)(co
   gridDim = {grid, 1, 1};
   for (unsigned g = 0; g < grid; ++g) {
     blockIdx = {g, 0, 0};
+    ++s.block_serial;
     run_block(b, kernel);
-    if (!s.error.empty()) return;  // as a GPU would, the launch stops at its first failure
+    if (!failed_before && !s.error.empty()) return;  // as on a GPU, a launch stops at its first failure
   }
 }
 
@@ -274,13 +321,14 @@ cudaError_t cudaGetLastError() {
   if (s.error.empty()) return cudaSuccess;
   s.reported = std::move(s.error);
   s.error.clear();
-  return cudaErrorLaunchFailure;
+  return cudaError_t(s.error_code);
 }
 
 const char* cudaGetErrorName(cudaError_t error) {
   switch (error) {
     case cudaSuccess: return "cudaSuccess";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     default: return "cudaErrorLaunchFailure";
   }
 }

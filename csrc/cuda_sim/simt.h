@@ -14,11 +14,14 @@
 //
 // What it checks beyond the results: a barrier some threads of a block (or
 // lanes of a warp) never reach is reported as a launch failure instead of
-// hanging, and a 16-byte vector load from an address that is not 16-byte
-// aligned (a fault on a GPU) is reported too; shared-memory races show as
-// results that differ between schedules (tests/test_cuda_sim.py compares
-// them). What it cannot check: races it never schedules into the open, the
-// device's own rounding of pow(), and the timing of anything.
+// hanging; a 16-byte vector access (kernels.cu's __ldg, load_vector and
+// store_vector) at an address that is not 16-byte aligned, a fault on a GPU,
+// is reported too; shared memory starts every block filled with NaN bytes (on
+// a GPU it is undefined), so a slot read before any thread wrote it shows;
+// and shared-memory races show as results that differ between schedules
+// (tests/test_cuda_sim.py compares them). What it cannot check: races none of
+// its schedules brings into the open, the device's own rounding of pow(), and
+// the timing of anything.
 #pragma once
 
 #include <cstdint>
@@ -35,7 +38,12 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __grid_constant__
-#define __shared__ static thread_local  // one block runs at a time per host thread
+// Shared arrays are declared with GRADCLIP_SHARED (kernels.cu): here a static
+// (one block runs at a time per host thread) filled with NaN bytes at the
+// start of every block.
+#define GRADCLIP_SHARED(type, name, count)     \
+  static thread_local type name[count];        \
+  ::gradclip::simt::poison_shared(name, sizeof(name))
 
 // ---- built-in variables (set by the scheduler before a fiber resumes) ----
 struct SimDim3 {
@@ -69,7 +77,9 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {gradclip::float_to_b
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 
 namespace gradclip::simt {
-void report(const std::string& problem);  // a launch failure, returned by the next cudaGetLastError
+// A launch failure, returned by the next cudaGetLastError (code: a
+// cudaError_t; 719 is cudaErrorLaunchFailure).
+void report(const std::string& problem, int code = 719);
 std::string where();                      // "kernel, block b, thread t" of the caller
 void block_barrier();                     // all threads of the block
 void warp_barrier();                      // all lanes of the caller's warp
@@ -78,6 +88,10 @@ void warp_barrier();                      // all lanes of the caller's warp
 // reading the previous shuffle's values is never overwritten).
 unsigned char* shuffle_slot(unsigned thread);
 int* syncthreads_or_cell();  // the accumulator of the block barrier under way (same alternation)
+// Fills a shared array with 0xff bytes the first time a thread of the current
+// block declares it.
+void poison_shared(void* array, size_t bytes);
+void check_vector_address(const void* p);  // reports a 16-byte access off the 16-byte grid
 }  // namespace gradclip::simt
 
 // ---- loads through the read-only cache ----
@@ -85,13 +99,21 @@ template <class T>
 inline T __ldg(const T* p) {
   return *p;
 }
+// Checked, then done with memcpy, which is defined on the host even at a
+// misaligned address (the report already says it is wrong).
 inline uint4 __ldg(const uint4* p) {
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
-    gradclip::simt::report("misaligned 16-byte vector load in " + gradclip::simt::where());
+  gradclip::simt::check_vector_address(p);
   uint4 v;
-  std::memcpy(&v, p, sizeof v);  // defined on the host even when misaligned (the report says it is wrong)
+  std::memcpy(&v, p, sizeof v);
   return v;
 }
+namespace gradclip::simt {
+inline uint4 load_vector(const uint4* p) { return __ldg(p); }
+inline void store_vector(uint4* p, const uint4& v) {
+  check_vector_address(p);
+  std::memcpy(p, &v, sizeof v);
+}
+}  // namespace gradclip::simt
 
 // ---- barriers and warp shuffles ----
 inline void __syncthreads() { gradclip::simt::block_barrier(); }
@@ -118,7 +140,12 @@ T __shfl_down_sync(unsigned mask, T value, int delta) {
 }
 
 // ---- the runtime calls kernels.cu makes ----
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidDevice = 101, cudaErrorLaunchFailure = 719 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorLaunchFailure = 719
+};
 typedef struct SimStream* cudaStream_t;
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaSetDevice(int device);
@@ -129,9 +156,12 @@ const char* cudaGetErrorString(cudaError_t error);
 // ---- kernel launches ----
 namespace gradclip::simt {
 
-enum class Schedule { kForward, kReverse, kShuffled };
+enum class Schedule { kForward, kReverse, kShuffled, kWarpFirst };
 // The order runnable threads are resumed in, on this host thread, from the
-// next launch on (kShuffled: a fresh permutation from `seed` at every step).
+// next launch on. kForward / kReverse: thread order or its reverse at every
+// step; kShuffled: a fresh permutation from `seed` at every step; kWarpFirst:
+// the warps in reverse order, each resumed until none of its lanes can move
+// (it runs through all its shuffles before any other warp moves).
 void set_schedule(Schedule schedule, uint64_t seed);
 
 struct LaunchRecord {
