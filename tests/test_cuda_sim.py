@@ -6,10 +6,13 @@ tests need no GPU and run everywhere the module builds (Linux).
 What this checks of the CUDA backend: every kernel's arithmetic, the launch
 tables, blocks, segments, head/vector/tail walks, partial slots, the
 finalize's folds and coefficients, the skip of unchanged tensors, the clamp's
-change flags, and that every barrier and shuffle is reached by all threads and
-every 16-byte vector load is aligned (the simulator reports both). What it
-cannot check: the GPU itself (timing, memory ordering between blocks, device
-pow rounding, streams, graphs): tests/test_cuda.py does, on a GPU.
+change flags; that every barrier and shuffle is reached by all threads and
+every 16-byte vector load and store is aligned (the simulator reports both);
+that no shared slot is read before it is written (shared memory starts each
+block as NaN bytes); and that results do not depend on how threads
+interleave between barriers (five schedules compared). What it cannot check:
+the GPU itself (timing, memory ordering between blocks, device pow rounding,
+streams, graphs): tests/test_cuda.py does, on a GPU.
 
 Memory is laid out as the GPU tests lay it: each tensor a view into its own
 buffer with GUARD sentinel elements on both sides and ``shift`` elements
