@@ -224,6 +224,8 @@ __device__ __forceinline__ double step(double acc, double a, double p) {
 template <Kind K, class T>
 __device__ Partial segment_power(const T* x, int64_t n, double p, double* smem) {
   constexpr int64_t kPer = Vec<T>::kLanes;
+  // Only these plain float64 power sums can overflow or underflow: float16,
+  // bfloat16 and float32 squares and absolute values lie far inside float64's range.
   constexpr bool kRescue = K == Kind::kP || (K == Kind::kL2 && sizeof(T) == 8);
   const SegmentSplit sp = split_segment(reinterpret_cast<uint64_t>(x), n, sizeof(T));
   const uint4* vectors = reinterpret_cast<const uint4*>(x + sp.head);

@@ -1,7 +1,9 @@
-// How the CUDA kernels split a list of tensors into work, written once for the
-// device and the host: nvcc compiles it into the kernels, the host compiler
-// into gradclip._core, whose CPU emulation of the plan (emulate.cpp) the tests
-// check against a float64 reference. Plain arithmetic only: no CUDA types.
+// How the CUDA kernels split a list of tensors into work, and how their
+// partial sums fold, written once for the device and the host: nvcc compiles
+// it into the kernels (and their host-side launch code), the host compiler
+// into gradclip._cuda_sim, which runs the same kernels on the CPU and walks
+// this plan alone (cuda_sim/plan_coverage.cpp) for the tests. Plain
+// arithmetic only: no CUDA types.
 //
 // The flat space. The tensors of a call, in list order, are laid end to end:
 // tensor t owns elements [start(t), start(t+1)). Block b of a launch owns the
@@ -221,14 +223,6 @@ GRADCLIP_HD bool needs_rescue(double sum, double max_abs) {
   if (is_nan(sum) || is_nan(max_abs) || max_abs == 0.0) return false;
   if (max_abs > 1.7976931348623157e308) return false;  // an inf element: the norm is inf
   return sum > kHugePowerSum || sum < kTinyPowerSum;
-}
-
-// Which kernels may need a rescue: those whose plain float64 power sum can
-// overflow or underflow. float16/bfloat16/float32 squares and absolute values
-// cannot (their range is far inside float64's); float64 squares and any
-// generic p can.
-GRADCLIP_HD bool may_need_rescue(Kind kind, int dtype_is_f64) {
-  return kind == Kind::kP || (kind == Kind::kL2 && dtype_is_f64);
 }
 
 }  // namespace gradclip::cuda_plan
