@@ -146,6 +146,19 @@ def test_float64_outputs_of_float32_data(p):
     assert_norm_close(r["total"], ref_norm(tensors, p), p, np.float64)
 
 
+def test_outputs_not_asked_for_are_not_written():
+    # The bridge passes null for results nobody wants; the kernels must skip them.
+    tensors = [make_torch(n, torch.float32, seed=7 + i) for i, n in enumerate([CHUNK + 1, 9])]
+    placed = Placed(tensors)
+    r = placed.run("clip_global", limits=[0.5], outputs=["total"])
+    assert r["per_tensor"] is None and r["per_group"] is None and r["flags"] == []
+    assert_norm_close(r["total"], ref_norm(tensors, 2.0), 2.0, np.float32)
+    r = placed.run("norms", outputs=["per_tensor"])
+    assert r["total"] is None and len(r["per_tensor"]) == 2
+    with pytest.raises(ValueError, match="outputs: .* got 'totals'"):
+        placed.run("norms", outputs=["totals"])
+
+
 def test_a_planted_mismatch_fails_the_comparison():
     tensors = [make_torch(CHUNK + 3, torch.float64, seed=3)]
     total = Placed(tensors).run("norms", p=2.0)["total"]

@@ -102,6 +102,9 @@ py::dict run(const std::vector<py::tuple>& tensors, const std::string& job, doub
   r.max_norm = max_norm;
   r.clamp_limit = clamp_limit;
 
+  for (const std::string& o : outputs)
+    if (o != "total" && o != "per_group" && o != "per_tensor" && o != "flags")
+      throw py::value_error("outputs: 'total', 'per_group', 'per_tensor' or 'flags', got '" + o + "'");
   const Api& api = gradclip::cuda::api();
   auto wants = [&](const char* what) {
     for (const std::string& o : outputs)
@@ -138,9 +141,10 @@ py::dict run(const std::vector<py::tuple>& tensors, const std::string& job, doub
   return out;
 }
 
-// Kernels with a defect the simulator must report (tests/test_cuda_sim.py
-// shows its checks are live): a barrier half the block skips, and a 16-byte
-// load from an address 4 bytes past a boundary.
+// Kernels with planted defects, which tests/test_cuda_sim.py uses to show the
+// simulator's checks are live: a barrier half the block skips, a shuffle half
+// a warp skips, 16-byte accesses off the 16-byte grid, a read its barrier does
+// not guard (a race), and a read of a shared slot nobody wrote.
 __global__ void divergent_barrier_kernel(int) {
   if (threadIdx.x < 128) __syncthreads();
 }
@@ -226,7 +230,8 @@ PYBIND11_MODULE(_cuda_sim, m) {
         "run until it blocks).");
   m.def("_unwritten_shared_probe", &unwritten_shared_probe,
         "What two blocks read from a shared cell: written by block 0, not by block 1.");
-  m.def("_race_probe", &race_probe, "What a kernel with a planted shared-memory race reads, under the current schedule.");
+  m.def("_race_probe", &race_probe,
+        "What a kernel with a planted shared-memory race reads, under the current schedule.");
   m.def("launch_log", &launch_log,
         "The kernel launches made on this thread since the last call, as (kernel, grid, block) tuples.");
   m.def("plan_coverage", &gradclip::cuda_plan::check_coverage, py::arg("numels"), py::arg("elem_bytes"),
