@@ -337,6 +337,11 @@ def result_dtype_of(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def kernel_names(launches) -> List[str]:
+    """The kernels of gradclip._cuda_sim launch records, without template arguments."""
+    return [name.split("<")[0] for name, _grid, _block in launches]
+
+
 # --------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------

@@ -56,8 +56,10 @@ from conftest import (
     make_torch,
     norm_rtol,
     ref_coef,
+    kernel_names,
     ref_norm,
     require_cuda_sim,
+    result_dtype_of,
 )
 
 _cuda_sim = require_cuda_sim()
@@ -108,12 +110,8 @@ class Placed:
             assert_bitwise_equal(self.views[i], self.originals[i], f"tensor {i}")
 
 
-def result_dtype(placed: Placed):
-    return np.float64 if any(v.dtype == torch.float64 for v in placed.views) else np.float32
-
-
 def kernels(result) -> list:
-    return [name.split("<")[0] for name, _grid, _block in result["launches"]]
+    return kernel_names(result["launches"])
 
 
 # --------------------------------------------------------------------------
@@ -127,7 +125,7 @@ def test_norms_match_reference(dtype, p):
     tensors = [make_torch(n, dtype, seed=i) for i, n in enumerate(EDGE_SIZES)]
     placed = Placed(tensors)
     r = placed.run("norms", p=p)
-    rd = result_dtype(placed)
+    rd = result_dtype_of(placed.views)
     for i, t in enumerate(tensors):
         assert_norm_close(r["per_tensor"][i], ref_norm([t], p), p, rd)
     assert_norm_close(r["total"], ref_norm(tensors, p), p, rd)
@@ -314,7 +312,7 @@ def test_global_clip(dtype, p):
     max_norm = 0.25
     r = placed.run("clip_global", p=p, limits=[max_norm])
     total = ref_norm(tensors, p)
-    rd = result_dtype(placed)
+    rd = result_dtype_of(placed.views)
     assert_norm_close(r["total"], total, p, rd)
     for view, t in zip(placed.views, tensors):
         assert_scaled(view, t, max_norm, total, norm_rtol(p))

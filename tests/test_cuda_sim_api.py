@@ -39,8 +39,10 @@ from conftest import (
     make_torch,
     norm_rtol,
     ref_coef,
+    kernel_names,
     ref_norm,
     require_cuda_sim,
+    result_dtype_of,
 )
 from fake_cuda import FakeCudaArray
 
@@ -85,11 +87,7 @@ def on_sim(tensors):
 
 
 def kernels_launched():
-    return [name.split("<")[0] for name, _grid, _block in _cuda_sim.launch_log()]
-
-
-def result_dtype(tensors):
-    return np.float64 if any(t.dtype == torch.float64 for t in tensors) else np.float32
+    return kernel_names(_cuda_sim.launch_log())
 
 
 # --------------------------------------------------------------------------
@@ -102,12 +100,13 @@ def result_dtype(tensors):
 def test_global_and_tensor_norms(dtype, p):
     tensors = [make_torch(n, dtype, seed=i) for i, n in enumerate(SIZES)]
     arrays, _ = on_sim(tensors)
-    rd = result_dtype(tensors)
+    rd = result_dtype_of(tensors)
     total = gradclip.global_norm(arrays, ord=p)
-    assert isinstance(total, np.generic) and total.dtype == rd  # a "device" 0-d result, not a float
+    # A "device" 0-d result (a NumPy scalar here), not a float, of the documented dtype.
+    assert isinstance(total, np.generic) and total.dtype == torch.empty((), dtype=rd).numpy().dtype
     assert_norm_close(total, ref_norm(tensors, p), p, rd)
     norms = gradclip.tensor_norms(arrays, ord=p)
-    assert norms.dtype == rd and norms.shape == (len(tensors),)
+    assert norms.dtype == total.dtype and norms.shape == (len(tensors),)
     for got, t in zip(norms, tensors):
         assert_norm_close(got, ref_norm([t], p), p, rd)
     assert kernels_launched() == ["norm_kernel", "finalize_kernel"] * 2
@@ -151,7 +150,7 @@ def test_clip_by_global_norm(dtype, p):
     arrays, hosts = on_sim(tensors)
     total = ref_norm(tensors, p)
     got = gradclip.clip_by_global_norm_(arrays, 0.5, ord=p)
-    assert_norm_close(got, total, p, result_dtype(tensors))
+    assert_norm_close(got, total, p, result_dtype_of(tensors))
     for h, t in zip(hosts, tensors):
         assert_scaled(h, t, 0.5, total, norm_rtol(p))
     assert kernels_launched() == ["norm_kernel", "finalize_kernel", "scale_kernel"]
