@@ -45,7 +45,7 @@ def test_cuda_input_reaches_the_bridge_and_fails_cleanly_without_a_gpu():
     # Neither torch nor CuPy owns this array, so the bridge needs CuPy for device memory:
     # absent here, it must say so. With CuPy but no GPU the launch fails instead.
     with pytest.raises((ValueError, RuntimeError), match=r"torch or CuPy|gradclip CUDA"):
-        _core.norms([FakeCudaArray(1000)], 2.0, "arrays", False, False)
+        _core.clip([FakeCudaArray(1000)], kind="none", order=2.0, argname="arrays")
 
 
 @pytest.mark.parametrize(
@@ -58,15 +58,16 @@ def test_per_tensor_norms_of_repeated_entries_follow_the_list(entry_spans):
     # memory: entry i gets its span's norm, gathered without an index array
     # (an index would be a host-to-device copy, which syncs and breaks graphs).
     torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
     from gradclip import _device
 
     spans = max(entry_spans) + 1
     values = torch.arange(1, spans + 1, dtype=torch.float32) * 0.5
     pad = torch.full((3,), -1.0)
     buf = torch.cat([pad, values, pad]).view(torch.uint8)
-    info = {"device_out": buf, "out_f64": False, "tensor_offset": 12, "count": len(entry_spans),
-            "entry_spans": entry_spans}
-    got = _device.per_tensor(info)
+    result = SimpleNamespace(buffer=buf, f64=False, tensor_offset=12, span_count=spans, entry_spans=entry_spans)
+    got = _device.per_tensor(result)
     assert got.tolist() == [values[s].item() for s in entry_spans]
 
 

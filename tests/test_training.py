@@ -498,8 +498,9 @@ def test_same_memory_in_two_groups_is_refused_before_any_write():
     a, b = np.full(4, 3.0), np.full(2, 5.0)
     before = a.copy()
     with pytest.raises(ValueError, match=r"grads\[2\]: the same memory as grads\[0\] but in another group"):
-        _core.clip([a, b, a], [0.1, 1.0], np.array([0, 0, 1], np.int32), 2.0, 1e-6, "global", "propagate", "grads",
-                   False)
+        _core.clip([a, b, a], kind="global", limits=[0.1, 1.0], group_of_item=np.array([0, 0, 1], np.int32),
+                   order=2.0, eps=1e-6, nonfinite="propagate", argname="grads", grad_attr=False)
     assert_bitwise_equal(a, before)
     with pytest.raises(ValueError, match=r"group_of_item\[1\]: group 2 has no limit"):
-        _core.clip([a, b], [0.1, 1.0], [0, 2], 2.0, 1e-6, "global", "propagate", "grads", False)
+        _core.clip([a, b], kind="global", limits=[0.1, 1.0], group_of_item=[0, 2], order=2.0, eps=1e-6,
+                   nonfinite="propagate", argname="grads", grad_attr=False)

@@ -1,40 +1,46 @@
-// Runs a job on CUDA tensors: loads gradclip._cuda on first use, asks the
-// caller's framework for device memory and its current stream (through
-// gradclip._device), and launches through the module's Api table. Results stay
-// on the device: the returned dict holds the output buffer and where each
-// result lies in it, and the Python layer makes framework views of them.
+// The CUDA backend's ties to Python: gradclip._cuda's kernel table (loaded on
+// first use) and device memory from the caller's framework, through the
+// allocator the Python package registers (gradclip._device.allocate).
 #pragma once
 
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <vector>
 
-#include "binding/intake.h"
 #include "cuda/api.h"
+#include "engine/cuda_backend.h"
 
 namespace gradclip::binding {
 
-struct CudaJob {
-  cuda::Request request;
-  std::vector<double> limits;            // one per group
-  std::vector<int32_t> group_of_span;    // empty: all in group 0
-  bool want_total = false;
-  bool want_per_group = false;
-  bool want_per_tensor = false;
-  bool want_changed = false;             // kClamp's per-block flags
-  bool force_f64 = false;                // float64 outputs whatever the dtypes
-  const Span* norm = nullptr;            // kScale: the norm in device memory
+// gradclip._cuda's table (or the test hook's replacement); raises ValueError
+// when this build has no CUDA module.
+const cuda::Api& cuda_api();
+
+// Memory for one call, from the registered allocator, called as
+// allocate(like, out_bytes, workspace_bytes) -> (out, out_ptr, workspace,
+// workspace_ptr, stream) with `like` the call's first device tensor. Keeps
+// every buffer it made alive; `out()` is the latest output buffer.
+class PyDeviceResources final : public engine::DeviceResources {
+ public:
+  explicit PyDeviceResources(PyObject* like) : like_(like) {}
+  engine::DeviceBuffers allocate(int64_t out_bytes, int64_t workspace_bytes) override;
+  void unlocked(const std::function<void()>& work) override;
+  pybind11::object out() const { return out_; }
+
+ private:
+  PyObject* like_;  // borrowed: the intake keeps it alive
+  pybind11::object out_ = pybind11::none();
+  pybind11::list kept_;
 };
 
-// Adds to `result`: device_out (the buffer, or None), out_f64, total_offset,
-// group_offset, tensor_offset (byte offsets, -1 when absent), changed_flags.
-void run_on_cuda(const Intake& in, CudaJob& job, pybind11::dict& result);
+// The allocator every CUDA call uses (gradclip/__init__.py registers
+// gradclip._device.allocate).
+void set_device_allocator(pybind11::handle allocate);
 
-// Test hook: run CUDA jobs through `api` with memory from `allocate` (the
-// signature of gradclip._device.allocate) instead of gradclip._cuda and the
-// caller's framework; null restores those. tests/test_cuda_sim_api.py passes
-// gradclip._cuda_sim's table, which runs the kernels on host memory.
+// Test hook: run CUDA jobs through `api` with memory from `allocate` instead of
+// gradclip._cuda and the registered allocator; null restores those.
+// tests/test_cuda_sim_api.py passes gradclip._cuda_sim's table, which runs the
+// kernels on host memory.
 void use_cuda_backend(const cuda::Api* api, pybind11::handle allocate);
 
 }  // namespace gradclip::binding

@@ -1,29 +1,21 @@
 // Turns the caller's Python sequence into validated dense spans, in one pass of
-// raw CPython calls. Every rule is checked for every element before any kernel
-// runs, so a refused call leaves all inputs untouched.
+// raw CPython calls: each item is read by the reader of its protocol
+// (readers.h), then checked against one set of rules. Every rule is checked
+// for every element before any kernel runs, so a refused call leaves all
+// inputs untouched.
 #pragma once
 
 #include <Python.h>
 
 #include <cstdint>
-#include <memory>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "binding/readers.h"
+#include "core/span_sink.h"
 #include "core/types.h"
-#include "cpu/ops.h"
 
 namespace gradclip::binding {
-
-enum class Access { kRead, kWrite };
-
-// Raised (as gradclip._core.MixedDevicesError, a ValueError) when one call
-// holds tensors on two devices: the torch drop-ins catch it and fall back to
-// torch's per-device scheme.
-struct MixedDevices : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
 
 struct IntakeOptions {
   const char* argname;  // used in error messages: "<argname>[<i>]"
@@ -35,13 +27,16 @@ struct IntakeOptions {
   // When set, only these items of the sequence are taken (in this order); the
   // others are neither read nor checked. Messages keep the items' own indices.
   const std::vector<int32_t>* only_items = nullptr;
-  // When set, the stream sees every accepted (host-memory) entry as soon as it
-  // is validated, so that worker threads reduce it while the rest of the list
-  // is read. The caller closes the stream once the Intake is built. Python
-  // code that runs while the list is read (a .grad property, a __dlpack__
-  // method) must then not write to tensors earlier in the list: whether the
-  // norm sees such a write would depend on timing (before, it always did).
-  cpu::NormStream* stream = nullptr;
+  // Tensors on several devices: false refuses them (one call, one device);
+  // true reads and checks them all and reports the devices (Intake::mixed()),
+  // for a caller that then handles each device on its own (torch's drop-ins).
+  bool split_devices = false;
+  // When set, the sink sees every accepted host-memory entry as soon as it is
+  // validated (the CPU backend reduces it while the rest of the list is read).
+  // Python code that runs while the list is read (a .grad property, a
+  // __dlpack__ method) must then not write to tensors earlier in the list:
+  // whether the norm sees such a write would depend on timing.
+  SpanSink* sink = nullptr;
 };
 
 class Intake {
@@ -52,49 +47,52 @@ class Intake {
   Intake& operator=(const Intake&) = delete;
 
   // Unique spans, in order of first appearance in the list. The same memory
-  // given twice is one span: counted once, scaled once.
+  // given twice is one span: counted once, scaled once. Empty when mixed().
   std::vector<Span> spans;
   // One per accepted element (None grads are skipped), in list order.
   std::vector<int32_t> span_of_entry;
-  // Per unique span, its first entry.
-  int32_t first_entry_of_span(size_t s) const { return first_entry_.empty() ? int32_t(s) : first_entry_[s]; }
   std::vector<int32_t> list_index_of_entry;
   std::vector<int64_t> rows_of_entry;  // filled only with IntakeOptions::rows
-  uint32_t dtype_mask = 0;  // bit (1 << DType) for each dtype seen
-  // Results are float64 when some input is, else float32.
-  bool has_f64() const { return (dtype_mask & (1u << int(DType::kF64))) != 0; }
+  // Per unique span, its first entry.
+  int32_t first_entry_of_span(size_t s) const { return first_entry_.empty() ? int32_t(s) : first_entry_[s]; }
+  // Whether the same span stands for several entries (a tensor listed twice).
+  bool has_repeats() const { return !first_entry_.empty(); }
+  bool has_f64() const { return (dtype_mask_ & (1u << int(DType::kF64))) != 0; }
 
-  // Where the tensors are: host memory (kHost) or one CUDA device (its
-  // number). One call takes tensors on one device; mixing is refused.
+  // Where the tensors are: host memory (kHost) or one CUDA device (its number).
   static constexpr int32_t kHost = -1;
-  int32_t device = kHost;
+  int32_t device = kHost;  // the first entry's device
   bool on_cuda() const { return device != kHost; }
   // The first tensor on that device (borrowed; kept alive by the intake): the
   // allocator makes device memory and finds the stream from it.
   PyObject* device_example = nullptr;
+  // With IntakeOptions::split_devices: whether the entries lie on more than
+  // one device, and then the list indices of the entries on each, in order of
+  // first appearance. Nothing else is filled in then (no spans).
+  bool mixed() const { return !items_by_device.empty(); }
+  std::vector<std::vector<int32_t>> items_by_device;
 
  private:
   void take(PyObject* item, int32_t list_index, const IntakeOptions& options);
+  void validate(const RawTensor& raw, PyObject* obj, int32_t list_index, const IntakeOptions& options);
   void check_device(int32_t device, PyObject* obj, int32_t list_index, const IntakeOptions& options);
   void deduplicate(const IntakeOptions& options);
   void release();
 
-  PyObject* fast_ = nullptr;          // the sequence as a list/tuple (owned)
-  // Grads and DLPack capsules, released when the call returns: for CUDA input
-  // that is once the kernels are queued, which is safe for memory the caller
-  // keeps (its gradients) and for allocators that reuse memory in stream order.
-  std::vector<PyObject*> owned_;
-  std::vector<Py_buffer> buffers_;    // buffer-protocol views to release
-  std::vector<int64_t> element_strides_;  // scratch: the strides of the buffer view being taken
-  std::vector<Span> entry_spans_;         // per entry, in list order (a stream reads them)
-  std::vector<int32_t> first_entry_;      // per unique span; empty when there are no repeats
-  int32_t device_item_ = -1;  // list index of the first tensor seen (for messages)
-  cpu::NormStream* stream_ = nullptr;
+  PyObject* fast_ = nullptr;  // the sequence as a list/tuple (owned)
+  // Grads, DLPack capsules and buffer views, released when the call returns:
+  // for CUDA input that is once the kernels are queued, which is safe for
+  // memory the caller keeps (its gradients) and for allocators that reuse
+  // memory in stream order.
+  Holdings hold_;
+  std::vector<Span> entry_spans_;     // per entry, in list order (a sink reads them)
+  std::vector<int32_t> first_entry_;  // per unique span; empty when there are no repeats
+  std::vector<int32_t> devices_;      // distinct devices, in order of first appearance
+  std::vector<int32_t> device_of_entry_;  // index into devices_; filled once a second device shows
+  uint32_t dtype_mask_ = 0;           // bit (1 << DType) for each dtype seen
+  int32_t device_item_ = -1;          // list index of the first tensor seen (for messages)
+  SpanSink* sink_ = nullptr;
 };
-
-// Closes `stream` (which `in` fed) and returns the power sums it computed,
-// per unique span of `in`; null when it computed none.
-std::unique_ptr<cpu::KnownPowerSums> close_stream(const Intake& in, cpu::NormStream& stream);
 
 // Label used in messages, e.g. "parameters[3].grad".
 std::string item_label(const IntakeOptions& options, int64_t index);

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace gradclip {
 
@@ -33,6 +34,13 @@ struct Span {
   DType dtype;
 };
 
+// Spans assigned to groups, e.g. an optimizer's param groups: group_of_span[s]
+// is in [0, n_groups). Empty (the default): no per-group norms.
+struct Grouping {
+  std::vector<int32_t> group_of_span;
+  int32_t n_groups = 0;
+};
+
 // Which p-norm. L1, L2 and inf have SIMD kernels; any other p > 0 takes the
 // generic (pow-based) path.
 struct NormOrder {
@@ -51,6 +59,12 @@ struct NormOrder {
 // 16-bit float storage types, kept as bit patterns.
 struct f16_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
+
+// The type arithmetic on a dtype's elements is done in, on every backend:
+// float32 for float32 and the 16-bit types, float64 for float64.
+template <class T> struct ComputeTypeOf { using type = float; };
+template <> struct ComputeTypeOf<double> { using type = double; };
+template <class T> using ComputeType = typename ComputeTypeOf<T>::type;
 
 // Portable conversions used by scalar code (tails, the generic-p path, the
 // baseline ISA). `static` keeps each translation unit's copy private, so a copy

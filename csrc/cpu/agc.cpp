@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/clip_math.h"
+#include "core/clip_rules.h"
 #include "cpu/ops.h"
 
 namespace gradclip::cpu {
@@ -45,7 +45,7 @@ UnitClipOutcome clip_units(const std::vector<RowSpan>& params, const std::vector
     out.nonfinite_grads[by_tensor.group_of_span[r]] = 1;
     out.nonfinite = true;
   }
-  if (out.nonfinite && req.nonfinite == NonfinitePolicy::kZero) {
+  if (out.nonfinite && req.nonfinite == Nonfinite::kZero) {
     out.zeroed = zero_nonfinite(rows, bad_rows);
     renorm_spans(rows, req.order, bad_rows, by_tensor, norms);
   }
@@ -63,7 +63,7 @@ UnitClipOutcome clip_units(const std::vector<RowSpan>& params, const std::vector
     coefs[r] = grad_norm == 0.0 ? 1.0 : clip_coefficient(limit, grad_norm, 0.0);
     out.clipped_units += coefs[r] < 1.0;
   }
-  if (out.nonfinite && req.nonfinite == NonfinitePolicy::kHold) return out;
+  if (holds(req.nonfinite, out.nonfinite)) return out;
   scale(std::vector<Span>(rows.begin(), rows.begin() + grad_rows), coefs);
   return out;
 }

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "core/types.h"
-#include "cpu/clip.h"
+#include "core/clip_rules.h"
 
 namespace gradclip::cpu {
 
@@ -23,7 +23,7 @@ struct UnitClipRequest {
   NormOrder order = NormOrder::from_p(2.0);
   std::vector<double> clipping;  // per tensor, lambda: the largest allowed ||grad row|| / max(||param row||, eps)
   double eps = 1e-3;             // floor on parameter-row norms, so zero-initialised rows can still move
-  NonfinitePolicy nonfinite = NonfinitePolicy::kPropagate;  // as for clip(), on gradient rows
+  Nonfinite nonfinite = Nonfinite::kPropagate;  // as for any clip (core/clip_rules.h), on gradient rows
 };
 
 struct UnitClipOutcome {
@@ -34,7 +34,7 @@ struct UnitClipOutcome {
   int64_t units = 0;                  // rows seen
   int64_t clipped_units = 0;          // rows scaled down (or that would be, when held)
   bool nonfinite = false;             // some tensor in nonfinite_grads
-  int64_t zeroed = 0;                 // elements set to 0 by NonfinitePolicy::kZero
+  int64_t zeroed = 0;                 // elements set to 0 by Nonfinite::kZero
 };
 
 // params[i] and grads[i] are the same tensor's parameter and gradient, with the

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "core/partial.h"
 #include "core/types.h"
 
 namespace gradclip::cpu {
@@ -51,13 +52,6 @@ static inline double fold_sum(double* lanes) {
   for (int step = kLanes / 2; step >= 1; step /= 2)
     for (int k = 0; k < step; ++k) lanes[k] += lanes[k + step];
   return lanes[0];
-}
-
-// Max that propagates NaN (std::max does not).
-static inline double nan_max(double a, double b) {
-  if (a != a) return a;
-  if (b != b) return b;
-  return a > b ? a : b;
 }
 
 }  // namespace gradclip::cpu

@@ -15,9 +15,6 @@
 // namespace): an inline function compiled with AVX-512 flags must never be merged
 // with, and then called in place of, the baseline copy.
 
-template <class T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-
 static inline double to_double(float v) { return v; }
 static inline double to_double(double v) { return v; }
 static inline double to_double(f16_t v) { return f16_to_float(v.bits); }
@@ -123,7 +120,7 @@ static double reduce_max_abs(const void* data, int64_t n, int64_t extent) {
 
 template <class T>
 static void scale_block(void* data, int64_t n, int64_t extent, double coef) {
-  using C = typename Compute<T>::type;
+  using C = ComputeType<T>;
   T* x = static_cast<T*>(data);
   const C c = static_cast<C>(coef);
   int64_t i = stream_blocks<T, kLanes>(x, n, extent, [&](int64_t j) { store_c(x + j, mul_c(load_c(x + j), c)); });
@@ -137,7 +134,7 @@ static void scale_block(void* data, int64_t n, int64_t extent, double coef) {
 // float32 / float64: compared in the compute type, 16 elements a block.
 template <class T>
 static bool clamp_block(void* data, int64_t n, int64_t extent, double lo_d, double hi_d) {
-  using C = typename Compute<T>::type;
+  using C = ComputeType<T>;
   T* x = static_cast<T*>(data);
   const C lo = static_cast<C>(lo_d), hi = static_cast<C>(hi_d);
   bool changed = false;

@@ -1,9 +1,9 @@
 #include "cpu/ops.h"
 
 #include <atomic>
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <thread>
 
 #include "core/norm_rescue.h"
 #include "core/thread_pool.h"
@@ -17,8 +17,6 @@ namespace {
 constexpr int64_t kChunkElems = int64_t(1) << 15;
 // Small chunks (small tensors) are grouped into tasks of about this size.
 constexpr int64_t kTaskElems = int64_t(1) << 16;
-// Below this much work, waking the pool costs more than it saves.
-constexpr int64_t kParallelMinElems = int64_t(1) << 18;
 
 struct Chunk {
   int32_t span;
@@ -140,7 +138,7 @@ inline void accumulate(double& acc, double partial, NormOrder order) {
 }
 
 // One span's power sum on the calling thread: exactly what power_sums() gives.
-double span_power_sum(const IsaKernels& isa, const Span& s, NormOrder order) {
+double span_power_sum_with(const IsaKernels& isa, const Span& s, NormOrder order) {
   double acc = 0.0;
   for (int64_t b = 0; b < s.numel; b += kChunkElems)
     accumulate(acc, chunk_power(isa, s, b, std::min(kChunkElems, s.numel - b), order), order);
@@ -184,7 +182,7 @@ double combined_norm(const std::vector<Span>& spans, NormOrder order, const Norm
     tiny_risk |= may_underflow(spans[s].dtype, order);
     total_power += n.power_sum[s];
   }
-  if (exact_sum_ok && !(total_power == HUGE_VAL) && !(total_power < kTinyPowerSum && tiny_risk))
+  if (exact_sum_ok && !sum_needs_rescue(total_power, tiny_risk))
     return root(total_power, order);  // also the NaN case: NaN stays NaN
   std::vector<double> norms;
   norms.reserve(members_end - members_begin);
@@ -199,8 +197,7 @@ void finish_norms(const std::vector<Span>& spans, NormOrder order, const Groupin
   n.per_span.resize(spans.size());
   for (size_t s = 0; s < spans.size(); ++s) {
     const double ps = n.power_sum[s];
-    if (order.kind != NormOrder::kInf &&
-        (ps == HUGE_VAL || (ps < kTinyPowerSum && may_underflow(spans[s].dtype, order)))) {
+    if (order.kind != NormOrder::kInf && sum_needs_rescue(ps, may_underflow(spans[s].dtype, order))) {
       n.per_span[s] = rescued_norm(spans[s], order);
       rescued[s] = 1;
     } else {
@@ -225,6 +222,10 @@ void finish_norms(const std::vector<Span>& spans, NormOrder order, const Groupin
 }
 
 }  // namespace
+
+double span_power_sum(const IsaKernels& isa, const Span& s, NormOrder order) {
+  return span_power_sum_with(isa, s, order);
+}
 
 double combine_norms(const std::vector<double>& norms, NormOrder order) {
   // The norms are elements of a vector whose norm this is, summed with the
@@ -266,117 +267,6 @@ void renorm_spans(const std::vector<Span>& spans, NormOrder order, const std::ve
   for (size_t s = 0; s < spans.size(); ++s)
     if (selected[s]) norms.power_sum[s] = redone[s];
   finish_norms(spans, order, groups, norms);
-}
-
-// ---- NormStream ----
-
-namespace {
-// A worker takes up to this many entries at once, holding up to this many elements.
-constexpr int64_t kStreamBatchItems = 64;
-constexpr int64_t kStreamBatchElems = int64_t(1) << 14;
-// Workers start before kParallelMinElems are published once this many are,
-// with at least this many entries of the list still to read: the wake-up
-// (tens of microseconds on a VM) then hides behind reading them.
-constexpr int64_t kEarlyStartElems = int64_t(1) << 15;
-constexpr size_t kEarlyStartItemsLeft = 256;
-// Before reducing a span a worker prefetches its first kPrefetchBytes
-// (isa_kernels.h) of the next one: small tensors lie scattered, a page or less
-// each, where the hardware prefetcher does not reach, and the kernels prefetch
-// only from there on. 2 KiB here measured better than 4 KiB or none.
-
-inline void prefetch_span(const Span& s) {
-  const char* p = static_cast<const char*>(s.data);
-  const int64_t n = std::min<int64_t>(kPrefetchBytes, s.numel * element_size(s.dtype));
-  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(p + o, 0, 3);
-}
-}  // namespace
-
-NormStream::NormStream(NormOrder order) : order_(order) {}
-
-NormStream::~NormStream() { stop(); }
-
-void NormStream::attach(const Span* entries, size_t capacity) {
-  entries_ = entries;
-  capacity_ = capacity;
-}
-
-void NormStream::publish(size_t count) {
-  unpublished_elems_ = 0;
-  if (!started_) {
-    for (size_t e = published_count_; e < count; ++e)
-      if (takes(entries_[e].numel)) queued_elems_ += entries_[e].numel;
-    published_count_ = count;
-    maybe_start(count);
-    return;
-  }
-  published_count_ = count;
-  published_.store(static_cast<int64_t>(count), std::memory_order_release);
-}
-
-void NormStream::maybe_start(size_t count) {
-  // Below kParallelMinElems waking the pool costs more than it saves, unless
-  // enough of the list is left to read.
-  if (queued_elems_ < kParallelMinElems &&
-      !(queued_elems_ >= kEarlyStartElems && capacity_ - count >= kEarlyStartItemsLeft))
-    return;
-  started_ = true;
-  power_.reset(new double[capacity_]);
-  published_.store(static_cast<int64_t>(count), std::memory_order_release);
-  task_ = [this](int64_t) { work(); };
-  // When the pool declines (one thread, or busy with another caller), close() does it all.
-  workers_running_ = ThreadPool::instance().start(ThreadPool::instance().num_threads(), task_);
-}
-
-void NormStream::work() {
-  const IsaKernels& isa = active_isa();
-  const Span* entries = entries_;
-  double* power = power_.get();
-  unsigned spins = 0;
-  for (;;) {
-    if (abort_.load(std::memory_order_relaxed)) return;
-    const bool closed = closed_.load(std::memory_order_acquire);  // before published_: then it is final
-    const int64_t avail = published_.load(std::memory_order_acquire);
-    int64_t i = next_.load(std::memory_order_relaxed);
-    if (i >= avail) {
-      if (closed) return;
-      // Ahead of the reader: wait for it, giving the core away now and then in
-      // case the reader shares it (more threads than cores).
-      if (++spins % 64 == 0) std::this_thread::yield();
-      cpu_relax();
-      continue;
-    }
-    int64_t end = i, elems = 0;
-    while (end < avail && end - i < kStreamBatchItems && elems < kStreamBatchElems) elems += entries[end++].numel;
-    if (!next_.compare_exchange_weak(i, end, std::memory_order_relaxed)) continue;
-    for (int64_t k = i; k < end; ++k) {
-      const Span& s = entries[k];
-      if (!takes(s.numel)) continue;
-      if (k + 1 < end && takes(entries[k + 1].numel)) prefetch_span(entries[k + 1]);
-      power[k] = span_power_sum(isa, s, order_);
-    }
-  }
-}
-
-void NormStream::finish_workers() {
-  if (workers_running_) {
-    workers_running_ = false;
-    ThreadPool::instance().finish();
-  }
-}
-
-bool NormStream::close(size_t count) {
-  if (!started_) return false;
-  published_.store(static_cast<int64_t>(count), std::memory_order_release);
-  closed_.store(true, std::memory_order_release);
-  work();  // the caller takes part; when it returns every entry is taken
-  finish_workers();
-  return true;
-}
-
-void NormStream::stop() {
-  abort_.store(true, std::memory_order_relaxed);
-  closed_.store(true, std::memory_order_release);
-  finish_workers();
 }
 
 namespace {

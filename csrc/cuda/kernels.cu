@@ -30,7 +30,8 @@
 #include <string>
 #include <vector>
 
-#include "core/clip_math.h"
+#include "core/clip_rules.h"
+#include "core/norm_rescue.h"
 #include "cuda/api.h"
 #include "cuda/plan.h"
 
@@ -76,20 +77,25 @@ struct ClampParams {
   Table table;
   double bound[kNumDTypes];  // the limit rounded to each dtype
   uint8_t* flags;            // one per block: 1 when it changed something
+  const uint8_t* held;       // set by the finalize kernel: 1 = write nothing (null: never held)
 };
 
 struct FinalizeParams {
   int64_t n;
   int32_t n_groups;
-  Kind kind;
-  Job job;
-  int32_t hold_nonfinite;
+  NormOrder::Kind order;
+  ClipKind kind;
+  Nonfinite nonfinite;
+  int32_t total_as_float32;
   double p;
   double eps;
   const uint64_t* tags;
   const Partial* partials;
+  const Partial* combined;  // stacked group partials replacing the local ones (null: the local ones)
+  int32_t n_combined;
   Partial* tensor_sums;
-  double* coefs;
+  double* coefs;            // what the scale kernel applies: 1 when held
+  uint8_t* held;            // what the clamp kernel reads: 1 when held
   Outputs out;
   double limits[kMaxParamGroups];
 };
@@ -99,8 +105,6 @@ static_assert(sizeof(NormParams) <= 32764 && sizeof(ScaleParams) <= 32764 && siz
               "kernel parameters are limited to 32764 bytes");
 
 // ---- element access ----
-template <class T> struct ComputeOf { using type = float; };
-template <> struct ComputeOf<double> { using type = double; };
 
 __device__ __forceinline__ float to_c(float v) { return v; }
 __device__ __forceinline__ double to_c(double v) { return v; }
@@ -177,14 +181,14 @@ __device__ __forceinline__ Partial shfl_down_partial(Partial a, int off) {
   return {__shfl_down_sync(0xffffffffu, a.sum, off), __shfl_down_sync(0xffffffffu, a.base, off)};
 }
 
-__device__ Partial warp_combine(Partial a, Kind kind, double p) {
+__device__ Partial warp_combine(Partial a, NormOrder::Kind kind, double p) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) a = combine(a, shfl_down_partial(a, off), kind, p);
   return a;
 }
 
 // Combined over the block and returned to every thread. smem: 33 Partials.
-__device__ Partial block_combine(Partial a, Kind kind, double p, Partial* smem) {
+__device__ Partial block_combine(Partial a, NormOrder::Kind kind, double p, Partial* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   a = warp_combine(a, kind, p);
   if (lane == 0) smem[warp] = a;
@@ -212,21 +216,21 @@ __device__ __forceinline__ void for_each_block_segment(const Table& tb, Fn&& fn)
 }
 
 // ---- norm ----
-template <Kind K>
+template <NormOrder::Kind K>
 __device__ __forceinline__ double step(double acc, double a, double p) {
-  if constexpr (K == Kind::kL1) return acc + a;
-  else if constexpr (K == Kind::kL2) return acc + a * a;
-  else if constexpr (K == Kind::kInf) return nan_max(acc, a);
+  if constexpr (K == NormOrder::kL1) return acc + a;
+  else if constexpr (K == NormOrder::kL2) return acc + a * a;
+  else if constexpr (K == NormOrder::kInf) return nan_max(acc, a);
   else return acc + pow(a, p);
 }
 
 // The partial power sum of n elements at x, for the whole block.
-template <Kind K, class T>
+template <NormOrder::Kind K, class T>
 __device__ Partial segment_power(const T* x, int64_t n, double p, double* smem) {
   constexpr int64_t kPer = Vec<T>::kLanes;
   // Only these plain float64 power sums can overflow or underflow: float16,
   // bfloat16 and float32 squares and absolute values lie far inside float64's range.
-  constexpr bool kRescue = K == Kind::kP || (K == Kind::kL2 && sizeof(T) == 8);
+  constexpr bool kRescue = K == NormOrder::kP || (K == NormOrder::kL2 && sizeof(T) == 8);
   const SegmentSplit sp = split_segment(reinterpret_cast<uint64_t>(x), n, sizeof(T));
   const uint4* vectors = reinterpret_cast<const uint4*>(x + sp.head);
   double acc = 0.0, max_abs = 0.0;
@@ -243,12 +247,12 @@ __device__ Partial segment_power(const T* x, int64_t n, double p, double* smem) 
 #pragma unroll
         for (int k = 0; k < kPer; ++k) visit(to_c(w.lane[k]));
       });
-  const double sum = block_fold<K == Kind::kInf>(acc, smem);
+  const double sum = block_fold<K == NormOrder::kInf>(acc, smem);
   if constexpr (kRescue) {
     const double m = block_fold<true>(max_abs, smem);
-    if (needs_rescue(sum, m)) {
+    if (partial_needs_rescue(sum, m)) {
       // Rare: redo with every element divided by the rescue's base, as the CPU does.
-      const double base = rescue_base(m, K == Kind::kP);
+      const double base = rescue_base(m, K == NormOrder::kP);
       acc = 0.0;
       auto visit_scaled = [&](double v) { acc = step<K>(acc, fabs(v) / base, p); };
       walk_segment(
@@ -264,7 +268,7 @@ __device__ Partial segment_power(const T* x, int64_t n, double p, double* smem) 
   return {sum, 1.0};
 }
 
-template <Kind K>
+template <NormOrder::Kind K>
 __global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ NormParams prm) {
   GRADCLIP_SHARED(double, smem, 33);
   const Table& tb = prm.table;
@@ -288,6 +292,13 @@ __device__ void store_norm(void* out, int64_t i, double v, bool f64) {
   else static_cast<float*>(out)[i] = float(v);  // round to nearest: just above FLT_MAX stays FLT_MAX
 }
 
+// Group g's partial folded over the stack of combined partials, in stack order.
+__device__ Partial combined_group(const FinalizeParams& f, int g) {
+  Partial acc{0.0, 1.0};
+  for (int k = 0; k < f.n_combined; ++k) acc = combine(acc, f.combined[int64_t(k) * f.n_groups + g], f.order, f.p);
+  return acc;
+}
+
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid_constant__ FinalizeParams f) {
   GRADCLIP_SHARED(Partial, smem, 33);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -298,7 +309,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid
     const int64_t b0 = first_block(s), b1 = end_block(s, e);
     if (b1 - b0 > kSerialFoldSegments) continue;
     Partial acc{0.0, 1.0};
-    for (int64_t b = b0; b < b1; ++b) acc = combine(acc, f.partials[segment_slot(t, b)], f.kind, f.p);
+    for (int64_t b = b0; b < b1; ++b) acc = combine(acc, f.partials[segment_slot(t, b)], f.order, f.p);
     f.tensor_sums[t] = acc;
   }
   for (int64_t t = warp; t < f.n; t += kWarps) {
@@ -306,43 +317,60 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const __grid
     const int64_t b0 = first_block(s), b1 = end_block(s, e);
     if (b1 - b0 <= kSerialFoldSegments) continue;
     Partial acc{0.0, 1.0};
-    for (int64_t b = b0 + lane; b < b1; b += 32) acc = combine(acc, f.partials[segment_slot(t, b)], f.kind, f.p);
-    acc = warp_combine(acc, f.kind, f.p);
+    for (int64_t b = b0 + lane; b < b1; b += 32) acc = combine(acc, f.partials[segment_slot(t, b)], f.order, f.p);
+    acc = warp_combine(acc, f.order, f.p);
     if (lane == 0) f.tensor_sums[t] = acc;
   }
   __syncthreads();
 
   int bad = 0;
   for (int64_t t = tid; t < f.n; t += kFinalizeThreads) {
-    const double norm = partial_norm(f.tensor_sums[t], f.kind, f.p);
+    const double norm = partial_norm(f.tensor_sums[t], f.order, f.p);
     bad |= !isfinite(norm);
     if (f.out.per_tensor) store_norm(f.out.per_tensor, t, norm, f.out.out_f64);
   }
   // The total, then each group's norm and coefficient: a strided fold, then a tree.
   Partial all{0.0, 1.0};
-  for (int64_t t = tid; t < f.n; t += kFinalizeThreads) all = combine(all, f.tensor_sums[t], f.kind, f.p);
-  const double total = partial_norm(block_combine(all, f.kind, f.p, smem), f.kind, f.p);
-  // Finite tensors whose total overflows, as stored, count too (torch tests the total).
-  const bool hold = __syncthreads_or(bad || !finite_as_reported(total, !f.out.out_f64)) && f.hold_nonfinite;
+  for (int64_t t = tid; t < f.n; t += kFinalizeThreads) all = combine(all, f.tensor_sums[t], f.order, f.p);
+  all = block_combine(all, f.order, f.p, smem);
+  double total = partial_norm(all, f.order, f.p);
+  if (f.combined) {  // every thread folds the stacked partials: each group over the stack, then the groups
+    Partial c{0.0, 1.0};
+    for (int g = 0; g < f.n_groups; ++g) c = combine(c, combined_group(f, g), f.order, f.p);
+    total = partial_norm(c, f.order, f.p);
+  }
+  const bool nonfinite = __syncthreads_or(saw_nonfinite(bad != 0, total, f.total_as_float32));
+  const bool hold = holds(f.nonfinite, nonfinite);
   for (int g = 0; g < f.n_groups; ++g) {
-    double norm = total;
+    Partial group = all;
     if (f.n_groups > 1) {
       Partial acc{0.0, 1.0};
       for (int64_t t = tid; t < f.n; t += kFinalizeThreads)
-        if (tag_group(f.tags[t]) == g) acc = combine(acc, f.tensor_sums[t], f.kind, f.p);
-      norm = partial_norm(block_combine(acc, f.kind, f.p, smem), f.kind, f.p);
+        if (tag_group(f.tags[t]) == g) acc = combine(acc, f.tensor_sums[t], f.order, f.p);
+      group = block_combine(acc, f.order, f.p, smem);
     }
     if (tid == 0) {
+      double norm = f.n_groups > 1 ? partial_norm(group, f.order, f.p) : total;
+      if (f.combined && f.n_groups > 1) norm = partial_norm(combined_group(f, g), f.order, f.p);
+      if (f.out.group_partials) f.out.group_partials[g] = group;
       if (f.out.per_group) store_norm(f.out.per_group, g, norm, f.out.out_f64);
-      if (f.job == Job::kClipGlobal) f.coefs[g] = hold ? 1.0 : clip_coefficient(f.limits[g], norm, f.eps);
-      if (f.job == Job::kNormalize) f.coefs[g] = hold ? 1.0 : normalize_coefficient(f.limits[g], norm);
+      if (per_group_coefficient(f.kind)) {
+        const double c = coefficient(f.kind, f.limits[g], norm, f.eps);
+        if (f.out.coefs) f.out.coefs[g] = c;
+        f.coefs[g] = hold ? 1.0 : c;
+      }
     }
   }
-  if (tid == 0 && f.out.total) store_norm(f.out.total, 0, total, f.out.out_f64);
-  if (f.job == Job::kClipPerTensor) {
+  if (tid == 0) {
+    if (f.out.total) store_norm(f.out.total, 0, total, f.out.out_f64);
+    if (f.out.nonfinite) *f.out.nonfinite = uint8_t(nonfinite);
+    if (f.held) *f.held = uint8_t(hold);
+  }
+  if (f.kind == ClipKind::kPerTensor) {
     for (int64_t t = tid; t < f.n; t += kFinalizeThreads) {
-      const double norm = partial_norm(f.tensor_sums[t], f.kind, f.p);
-      f.coefs[t] = hold ? 1.0 : clip_coefficient(f.limits[tag_group(f.tags[t])], norm, f.eps);
+      const double c = coefficient(f.kind, f.limits[tag_group(f.tags[t])], partial_norm(f.tensor_sums[t], f.order, f.p), f.eps);
+      if (f.out.coefs) f.out.coefs[t] = c;
+      f.coefs[t] = hold ? 1.0 : c;
     }
   }
 }
@@ -359,7 +387,7 @@ __device__ double load_norm(const void* p, DType t) {
 
 template <class T>
 __device__ void segment_scale(T* x, int64_t n, double coef) {
-  using C = typename ComputeOf<T>::type;
+  using C = ComputeType<T>;
   constexpr int64_t kPer = Vec<T>::kLanes;
   const C c = C(coef);
   const SegmentSplit sp = split_segment(reinterpret_cast<uint64_t>(x), n, sizeof(T));
@@ -397,7 +425,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__
 // ---- clamp: a vector is stored only when one of its lanes changes ----
 template <class T>
 __device__ bool segment_clamp(T* x, int64_t n, double bound) {
-  using C = typename ComputeOf<T>::type;
+  using C = ComputeType<T>;
   constexpr int64_t kPer = Vec<T>::kLanes;
   const C hi = C(bound);  // exact: the host rounded the bound to T
   const T hi_t = from_c(hi, T{}), lo_t = from_c(-hi, T{});
@@ -437,6 +465,10 @@ __device__ bool segment_clamp(T* x, int64_t n, double bound) {
 __global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__ ClampParams prm) {
   const Table& tb = prm.table;
   bool changed = false;
+  if (prm.held && *prm.held) {  // a nonfinite norm under Nonfinite::kHold: write nothing
+    if (prm.flags && threadIdx.x == 0) prm.flags[tb.flag_base + blockIdx.x] = 0;
+    return;
+  }
   for_each_block_segment(tb, [&](int t, int64_t offset, int64_t count, int dtype, int64_t) {
     const double b = prm.bound[dtype];
     switch (DType(dtype)) {
@@ -453,15 +485,6 @@ __global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__
 }
 
 // ---- host side ----
-Kind kind_of(NormOrder o) {
-  switch (o.kind) {
-    case NormOrder::kL1: return Kind::kL1;
-    case NormOrder::kL2: return Kind::kL2;
-    case NormOrder::kInf: return Kind::kInf;
-    default: return Kind::kP;
-  }
-}
-
 // Flat starts of all tensors (plus the end) in one pass.
 struct FlatPlan {
   std::vector<uint64_t> tags;  // n + 1
@@ -484,16 +507,18 @@ FlatPlan plan_flat(const DeviceTensor* ts, int64_t n) {
 }
 
 struct WorkspaceLayout {
-  int64_t tags, partials, tensor_sums, coefs, bytes;
+  int64_t tags, partials, tensor_sums, coefs, held, bytes;
 };
 
 int64_t align_up(int64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
-bool job_norms(Job j) { return j == Job::kNorms || j == Job::kClipGlobal || j == Job::kClipPerTensor || j == Job::kNormalize; }
+// Only the norm stages use the workspace; a launch that runs kFinalize alone
+// finds there what the kReduce launch before it left.
+bool uses_norms(uint32_t stages) { return (stages & (kReduce | kFinalize)) != 0; }
 
-WorkspaceLayout layout_of(int64_t n, int64_t elements, int32_t n_groups, Job job) {
+WorkspaceLayout layout_of(int64_t n, int64_t elements, int32_t n_groups, uint32_t stages) {
   WorkspaceLayout w{};
-  if (!job_norms(job)) return w;
+  if (!uses_norms(stages)) return w;
   int64_t at = 0;
   w.tags = at;
   at = align_up(at + (n + 1) * 8);
@@ -503,6 +528,8 @@ WorkspaceLayout layout_of(int64_t n, int64_t elements, int32_t n_groups, Job job
   at = align_up(at + n * int64_t(sizeof(Partial)));
   w.coefs = at;
   at = align_up(at + (n > n_groups ? n : n_groups) * 8);
+  w.held = at;
+  at = align_up(at + 1);
   w.bytes = at;
   return w;
 }
@@ -510,7 +537,7 @@ WorkspaceLayout layout_of(int64_t n, int64_t elements, int32_t n_groups, Job job
 int64_t workspace_bytes(const DeviceTensor* ts, int64_t n, const Request* r) {
   int64_t elements = 0;
   for (int64_t t = 0; t < n; ++t) elements += ts[t].numel;
-  return layout_of(n, elements, r->n_groups, r->job).bytes;
+  return layout_of(n, elements, r->n_groups, r->stages).bytes;
 }
 
 int64_t changed_flag_count(const DeviceTensor* ts, int64_t n) {
@@ -571,7 +598,7 @@ const char* launch_error() {
   return fail(std::string("CUDA kernel launch failed: ") + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
-template <Kind K>
+template <NormOrder::Kind K>
 void launch_norm(const NormParams& prm, unsigned grid, cudaStream_t stream) {
   GRADCLIP_LAUNCH(norm_kernel<K>, grid, kThreads, stream)(prm);
 }
@@ -585,93 +612,117 @@ const char* launch(const DeviceTensor* ts, int64_t n, const Request* r) {
   for (int64_t t = 0; t < n; ++t)
     if (ts[t].group < 0 || ts[t].group >= r->n_groups) return fail("a tensor's group has no limit");
   if (n > INT32_MAX - kMaxTensorsPerLaunch) return fail("too many tensors");
+  if (r->nonfinite == Nonfinite::kZero) return fail("the nonfinite policy 'zero' is not available on CUDA");
+  const bool clamps = r->kind == ClipKind::kValue;
+  if ((r->stages & kApply) && (clamps || (r->norm && !(r->stages & kFinalize))) && !r->limits)
+    return fail("a clamp, or a scale by a norm, needs its limit");
 
   DeviceGuard guard(r->device);
   if (guard.status != cudaSuccess) return fail(std::string("cannot select the device: ") + cudaGetErrorString(guard.status));
   cudaStream_t stream = static_cast<cudaStream_t>(r->stream);
-  char* ws = static_cast<char*>(r->workspace);
-  const WorkspaceLayout wl = layout_of(n, fp.elements, r->n_groups, r->job);
-  auto* tags = reinterpret_cast<uint64_t*>(ws + wl.tags);
-  auto* partials = reinterpret_cast<Partial*>(ws + wl.partials);
-  auto* coefs = reinterpret_cast<double*>(ws + wl.coefs);
+  uint64_t* tags = nullptr;
+  Partial *partials = nullptr, *tensor_sums = nullptr;
+  double* coefs = nullptr;
+  uint8_t* held = nullptr;
+  if (uses_norms(r->stages)) {
+    char* ws = static_cast<char*>(r->workspace);
+    const WorkspaceLayout wl = layout_of(n, fp.elements, r->n_groups, r->stages);
+    tags = reinterpret_cast<uint64_t*>(ws + wl.tags);
+    partials = reinterpret_cast<Partial*>(ws + wl.partials);
+    tensor_sums = reinterpret_cast<Partial*>(ws + wl.tensor_sums);
+    coefs = reinterpret_cast<double*>(ws + wl.coefs);
+    held = reinterpret_cast<uint8_t*>(ws + wl.held);
+  }
 
   // Kernel parameter blocks are large; keep them off the stack.
   thread_local std::vector<char> storage(sizeof(NormParams) > sizeof(ScaleParams) ? sizeof(NormParams) : sizeof(ScaleParams));
   if (storage.size() < sizeof(ClampParams)) storage.resize(sizeof(ClampParams));
 
-  if (job_norms(r->job)) {
-    const Kind kind = kind_of(r->order);
+  if (r->stages & kReduce) {
     auto* prm = new (storage.data()) NormParams;
     prm->partials = partials;
     prm->tags_out = tags;
     prm->p = r->order.p;
     for (int64_t j = 0; j < fp.launches; ++j) {
       const unsigned grid = fill_table(prm->table, ts, fp, j);
-      switch (kind) {
-        case Kind::kL1: launch_norm<Kind::kL1>(*prm, grid, stream); break;
-        case Kind::kL2: launch_norm<Kind::kL2>(*prm, grid, stream); break;
-        case Kind::kInf: launch_norm<Kind::kInf>(*prm, grid, stream); break;
-        default: launch_norm<Kind::kP>(*prm, grid, stream); break;
+      switch (r->order.kind) {
+        case NormOrder::kL1: launch_norm<NormOrder::kL1>(*prm, grid, stream); break;
+        case NormOrder::kL2: launch_norm<NormOrder::kL2>(*prm, grid, stream); break;
+        case NormOrder::kInf: launch_norm<NormOrder::kInf>(*prm, grid, stream); break;
+        default: launch_norm<NormOrder::kP>(*prm, grid, stream); break;
       }
       if (const char* e = launch_error()) return e;
     }
+  }
+
+  if (r->stages & kFinalize) {
     FinalizeParams f{};
     f.n = n;
     f.n_groups = r->n_groups;
-    f.kind = kind;
-    f.job = r->job;
-    f.hold_nonfinite = r->hold_nonfinite;
+    f.order = r->order.kind;
+    f.kind = r->kind;
+    f.nonfinite = r->nonfinite;
+    f.total_as_float32 = r->total_as_float32;
     f.p = r->order.p;
     f.eps = r->eps;
     f.tags = tags;
     f.partials = partials;
-    f.tensor_sums = reinterpret_cast<Partial*>(ws + wl.tensor_sums);
+    f.combined = r->combined;
+    f.n_combined = r->n_combined;
+    f.tensor_sums = tensor_sums;
     f.coefs = coefs;
+    f.held = held;
     f.out = r->out;
-    if (r->job != Job::kNorms)
+    if (r->kind != ClipKind::kNone)
       for (int g = 0; g < r->n_groups; ++g) f.limits[g] = r->limits[g];
     GRADCLIP_LAUNCH(finalize_kernel, 1, kFinalizeThreads, stream)(f);
     if (const char* e = launch_error()) return e;
   }
 
-  if (r->job != Job::kNorms && r->job != Job::kClamp) {
+  if ((r->stages & kApply) && clamps) {
+    auto* prm = new (storage.data()) ClampParams;
+    for (int d = 0; d < kNumDTypes; ++d) prm->bound[d] = round_to_dtype(r->limits[0], DType(d));
+    prm->flags = r->out.changed_blocks;
+    prm->held = (r->stages & kFinalize) ? held : nullptr;
+    for (int64_t j = 0; j < fp.launches; ++j) {
+      const unsigned grid = fill_table(prm->table, ts, fp, j);
+      GRADCLIP_LAUNCH(clamp_kernel, grid, kThreads, stream)(*prm);
+      if (const char* e = launch_error()) return e;
+    }
+  } else if ((r->stages & kApply) && r->kind != ClipKind::kNone) {
     auto* prm = new (storage.data()) ScaleParams;
     prm->coefs = coefs;
     prm->value = r->coef;
     prm->norm = r->norm;
     prm->norm_dtype = r->norm_dtype;
-    prm->max_norm = r->max_norm;
+    prm->max_norm = r->norm ? r->limits[0] : 0.0;
     prm->eps = r->eps;
-    switch (r->job) {
-      case Job::kClipPerTensor: prm->source = CoefSource::kPerTensor; break;
-      case Job::kScale: prm->source = r->norm ? CoefSource::kFromNorm : CoefSource::kValue; break;
-      default: prm->source = CoefSource::kPerGroup; break;
-    }
-    if (!(r->job == Job::kScale && !r->norm && r->coef == 1.0))  // a known coefficient of 1: nothing to launch
+    if (r->stages & kFinalize) prm->source = r->kind == ClipKind::kPerTensor ? CoefSource::kPerTensor : CoefSource::kPerGroup;
+    else prm->source = r->norm ? CoefSource::kFromNorm : CoefSource::kValue;
+    if (!(prm->source == CoefSource::kValue && r->coef == 1.0))  // a known coefficient of 1: nothing to launch
       for (int64_t j = 0; j < fp.launches; ++j) {
         const unsigned grid = fill_table(prm->table, ts, fp, j);
         GRADCLIP_LAUNCH(scale_kernel, grid, kThreads, stream)(*prm);
         if (const char* e = launch_error()) return e;
       }
   }
+  return nullptr;
+}
 
-  if (r->job == Job::kClamp) {
-    auto* prm = new (storage.data()) ClampParams;
-    for (int d = 0; d < kNumDTypes; ++d) prm->bound[d] = round_to_dtype(r->clamp_limit, DType(d));
-    prm->flags = r->out.changed_blocks;
-    for (int64_t j = 0; j < fp.launches; ++j) {
-      const unsigned grid = fill_table(prm->table, ts, fp, j);
-      GRADCLIP_LAUNCH(clamp_kernel, grid, kThreads, stream)(*prm);
-      if (const char* e = launch_error()) return e;
-    }
-  }
+const char* copy_to_host(void* host, const void* device_memory, int64_t bytes, int32_t device, void* stream) {
+  DeviceGuard guard(device);
+  if (guard.status != cudaSuccess) return fail(std::string("cannot select the device: ") + cudaGetErrorString(guard.status));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaMemcpyAsync(host, device_memory, size_t(bytes), cudaMemcpyDeviceToHost, s);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(s);
+  if (err != cudaSuccess) return fail(std::string("copying results to the host failed: ") + cudaGetErrorString(err));
   return nullptr;
 }
 
 }  // namespace
 
 const Api& api() {
-  static const Api table{kApiVersion, &workspace_bytes, &changed_flag_count, &launch, kMaxParamGroups};
+  static const Api table{kApiVersion, &workspace_bytes, &changed_flag_count, &launch, &copy_to_host, kMaxParamGroups};
   return table;
 }
 

@@ -21,7 +21,7 @@
 #include <cstdint>
 
 #include "core/hd.h"
-#include "core/norm_rescue.h"
+#include "core/partial.h"
 
 namespace gradclip::cuda_plan {
 
@@ -159,70 +159,6 @@ GRADCLIP_HD void walk_segment(const SegmentSplit& s, int64_t per_vector, int thr
 #endif
   for (int64_t v = thread; v < s.vectors; v += threads) vector(v);
   if (thread < s.tail) scalar(s.head + s.vectors * per_vector + thread);
-}
-
-// ---- partial power sums that survive overflow and underflow ----
-// A partial stands for sum * base^p (sum * base for L1): its elements were
-// divided by `base` before their powers were summed. base is 1 unless the
-// plain sum overflowed or underflowed; then it is the rescue's base
-// (core/norm_rescue.h), as on the CPU. For the inf norm, sum is the max and
-// base 1.
-struct Partial {
-  double sum;
-  double base;
-};
-
-enum class Kind : int32_t { kL1 = 0, kL2 = 1, kInf = 2, kP = 3 };
-
-// Plain power sums above this are redone with a base: then every plain
-// partial is at most 2^900, and adding up any number of them (< 2^123) cannot
-// overflow where the true sum is finite.
-constexpr double kHugePowerSum = 0x1p900;
-
-GRADCLIP_HD bool is_nan(double x) { return x != x; }
-
-// NaN-propagating max.
-GRADCLIP_HD double nan_max(double a, double b) { return (is_nan(a) || a >= b) ? a : b; }
-
-// sum * ratio^p for 0 < ratio < 1: a partial brought to a larger base. Terms
-// that underflow here are below 2^-1022 of a partial of at least 2^-900
-// (smaller plain partials are rescued), far below its last bit.
-GRADCLIP_HD double rescale_sum(double sum, double ratio, Kind kind, double p) {
-  switch (kind) {
-    case Kind::kL1: return sum * ratio;
-    case Kind::kL2: return sum * ratio * ratio;  // exact: L2 bases are powers of two
-    default: return sum * pow(ratio, p);
-  }
-}
-
-// Folds b into a (a += b) for a p-norm power sum; for the inf norm, the max.
-GRADCLIP_HD Partial combine(Partial a, Partial b, Kind kind, double p) {
-  if (kind == Kind::kInf) return {nan_max(a.sum, b.sum), 1.0};
-  if (b.sum == 0.0) return a;
-  if (a.sum == 0.0) return b;
-  if (a.base == b.base) return {a.sum + b.sum, a.base};
-  if (a.base > b.base) return {a.sum + rescale_sum(b.sum, b.base / a.base, kind, p), a.base};
-  return {rescale_sum(a.sum, a.base / b.base, kind, p) + b.sum, b.base};
-}
-
-// The norm a partial stands for: (sum * base^p)^(1/p) = sum^(1/p) * base.
-GRADCLIP_HD double partial_norm(Partial a, Kind kind, double p) {
-  switch (kind) {
-    case Kind::kL1: return a.sum * a.base;
-    case Kind::kL2: return sqrt(a.sum) * a.base;
-    case Kind::kInf: return a.sum;
-    default: return pow(a.sum, 1.0 / p) * a.base;
-  }
-}
-
-// Whether a block's plain power sum must be redone with scaled elements: it
-// is so large that it, or its sum with other blocks' partials, may overflow
-// although the largest element is finite, or so small that float64 underflow
-// may have eaten part of it.
-GRADCLIP_HD bool needs_rescue(double sum, double max_abs) {
-  if (is_nan(sum) || is_nan(max_abs) || max_abs == 0.0) return false;
-  if (max_abs > 1.7976931348623157e308) return false;  // an inf element: the norm is inf
-  return sum > kHugePowerSum || sum < kTinyPowerSum;
 }
 
 }  // namespace gradclip::cuda_plan

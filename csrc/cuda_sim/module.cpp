@@ -33,13 +33,21 @@ using gradclip::DType;
 using gradclip::NormOrder;
 using namespace gradclip::cuda;
 
+// The jobs the tests name, as the engine's stages and clip kind.
+struct Job {
+  uint32_t stages;
+  gradclip::ClipKind kind;
+};
+
 Job job_named(const std::string& name) {
-  if (name == "norms") return Job::kNorms;
-  if (name == "clip_global") return Job::kClipGlobal;
-  if (name == "clip_per_tensor") return Job::kClipPerTensor;
-  if (name == "normalize") return Job::kNormalize;
-  if (name == "scale") return Job::kScale;
-  if (name == "clamp") return Job::kClamp;
+  using gradclip::ClipKind;
+  constexpr uint32_t kNormStages = kReduce | kFinalize;
+  if (name == "norms") return {kNormStages, ClipKind::kNone};
+  if (name == "clip_global") return {kNormStages | kApply, ClipKind::kGlobal};
+  if (name == "clip_per_tensor") return {kNormStages | kApply, ClipKind::kPerTensor};
+  if (name == "normalize") return {kNormStages | kApply, ClipKind::kNormalize};
+  if (name == "scale") return {kApply, ClipKind::kGlobal};
+  if (name == "clamp") return {kApply, ClipKind::kValue};
   throw py::value_error("job: unknown job '" + name + "'");
 }
 
@@ -87,20 +95,25 @@ py::dict run(const std::vector<py::tuple>& tensors, const std::string& job, doub
              dtype_named(d[2].cast<std::string>()), d[3].cast<int32_t>()};
   }
   Request r;
-  r.job = job_named(job);
+  const Job j = job_named(job);
+  r.stages = j.stages;
+  r.kind = j.kind;
   r.order = NormOrder::from_p(p);
   r.eps = eps;
-  r.limits = limits.empty() ? nullptr : limits.data();
+  // A scale by a norm and a clamp take their one limit as limits[0].
+  std::vector<double> given = limits;
+  if (j.kind == gradclip::ClipKind::kValue) given = {clamp_limit};
+  else if (j.stages == kApply) given = {max_norm};
+  r.limits = given.empty() ? nullptr : given.data();
   r.n_groups = limits.empty() ? 1 : int32_t(limits.size());
-  r.hold_nonfinite = hold_nonfinite;
+  r.nonfinite = hold_nonfinite ? gradclip::Nonfinite::kHold : gradclip::Nonfinite::kPropagate;
+  r.total_as_float32 = !out_f64;
   r.coef = coef;
   if (!norm.is_none()) {
     const py::tuple d = norm;  // (address, dtype name)
     r.norm = reinterpret_cast<const void*>(d[0].cast<uintptr_t>());
     r.norm_dtype = dtype_named(d[1].cast<std::string>());
   }
-  r.max_norm = max_norm;
-  r.clamp_limit = clamp_limit;
 
   for (const std::string& o : outputs)
     if (o != "total" && o != "per_group" && o != "per_tensor" && o != "flags")

@@ -147,9 +147,13 @@ enum cudaError_t {
   cudaErrorLaunchFailure = 719
 };
 typedef struct SimStream* cudaStream_t;
+enum cudaMemcpyKind { cudaMemcpyDeviceToHost = 2 };
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetLastError();
+// Kernels run to completion at launch here: a copy is a memcpy, a stream has nothing left to wait for.
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream);
+cudaError_t cudaStreamSynchronize(cudaStream_t stream);
 const char* cudaGetErrorName(cudaError_t error);
 const char* cudaGetErrorString(cudaError_t error);
 

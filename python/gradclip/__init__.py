@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from . import _core
+from . import _core, _device
 from .array_api import clip_by_global_norm_, clip_by_norm_, clip_by_value_, global_norm, normalize_, tensor_norms
 from .torch_api import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .adaptive import AutoClip, ZClip
@@ -27,6 +27,10 @@ from .training import (
 )
 
 __version__ = "0.1.0"
+
+# Device memory for CUDA calls comes from the caller's framework (torch's
+# caching allocator, CuPy's pool): the native core asks through this function.
+_core.set_device_allocator(_device.allocate)
 
 __all__ = [
     "__version__",

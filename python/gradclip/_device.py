@@ -3,7 +3,7 @@
 The native core never allocates device memory itself: it asks here, so that
 torch's caching allocator (or CuPy's pool) owns every byte, stream-ordered and
 CUDA-graph aware, and results come back as the caller's own tensor type.
-Nothing here synchronises with the device except :func:`to_host`.
+Nothing here synchronises with the device.
 
 Result buffers are torch tensors or CuPy arrays; in the tests that run the
 CUDA kernels on the host (gradclip._cuda_sim) they are NumPy arrays, which
@@ -13,7 +13,7 @@ every function here handles as well.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 
@@ -96,23 +96,23 @@ def _float_dtypes(buf: Any):
     return np.float32, np.float64
 
 
-def _view(info: Dict[str, Any], key: str, count: int) -> Any:
-    buf = info["device_out"]
+def _view(result: Any, offset: int, count: int) -> Any:
+    """``count`` norms at byte ``offset`` of a :class:`gradclip._core.DeviceResult`'s buffer."""
+    buf = result.buffer
     f32, f64 = _float_dtypes(buf)
-    es = 8 if info["out_f64"] else 4
-    offset = info[key]
-    return buf[offset : offset + es * count].view(f64 if info["out_f64"] else f32)
+    es = 8 if result.f64 else 4
+    return buf[offset : offset + es * count].view(f64 if result.f64 else f32)
 
 
-def total(info: Dict[str, Any]) -> Any:
+def total(result: Any) -> Any:
     """The total norm: a 0-d array on the device (a view of the output buffer)."""
-    return _view(info, "total_offset", 1)[0]
+    return _view(result, result.total_offset, 1)[0]
 
 
-def per_tensor(info: Dict[str, Any]) -> Any:
+def per_tensor(result: Any) -> Any:
     """Per-entry norms on the device, in list order."""
-    norms = _view(info, "tensor_offset", span_count(info))
-    entry_spans = info.get("entry_spans")
+    norms = _view(result, result.tensor_offset, result.span_count)
+    entry_spans = result.entry_spans
     if entry_spans is None:
         return norms
     # A tensor listed twice has one span and two entries. The entries are
@@ -138,34 +138,14 @@ def _runs(indices: List[int]) -> List[Tuple[int, int]]:
     return runs
 
 
-def changed(info: Dict[str, Any]) -> Any:
+def changed(result: Any) -> Any:
     """Whether a clamp changed anything: a 0-d bool array on the device."""
-    buf = info["device_out"]
-    offset = info["flags_offset"]
-    return buf[offset : offset + info["flag_count"]].any()
+    offset = result.flags_offset
+    return result.buffer[offset : offset + result.flag_count].any()
 
 
-def any_flag(info: Dict[str, Any]) -> bool:
-    """:func:`changed`, read on the host (waits for the device)."""
-    return bool(changed(info))
-
-
-def to_host(buf: Any) -> np.ndarray:
-    """The buffer's bytes in host memory (waits for the device)."""
-    if _torch_of(buf) is not None:
-        return buf.cpu().numpy()
-    if _cupy_of(buf) is not None:
-        return buf.get()
-    return np.asarray(buf)
-
-
-def is_device_result(info: Dict[str, Any]) -> bool:
-    return "device_out" in info
-
-
-def span_count(info: Dict[str, Any]) -> int:
-    """Number of unique tensors (entries minus repeats)."""
-    entry_spans = info.get("entry_spans")
-    if entry_spans is None:
-        return int(info["count"])
-    return max(entry_spans) + 1 if entry_spans else 0
+def partials(buffer: Any, offset: int, n_groups: int) -> Any:
+    """A reduction's group partials in device memory: a (n_groups, 2) float64
+    view of (sum, base) rows (gradclip._core.Reduction.group_partials)."""
+    _, f64 = _float_dtypes(buffer)
+    return buffer[offset : offset + 16 * n_groups].view(f64).reshape(n_groups, 2)

@@ -1,18 +1,17 @@
 """Helpers shared by the torch drop-ins and the array API: argument checks and
-turning native results into the caller's framework types."""
+turning native results (:class:`gradclip._core.Result`) into the caller's
+framework types."""
 
 from __future__ import annotations
 
-import math
 import sys
-from typing import Any, Dict, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-# Bits of the native `dtype_mask` (the order of gradclip::DType).
-_F64_BIT = 1 << 1
-_F32_MAX = 3.4028234663852886e38
-_F32_ROUNDS_TO_INF = 2.0**128 - 2.0**103  # float32 max plus half an ulp (a tie rounds to inf)
+from . import _core
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def as_list(items: Any) -> Sequence[Any]:
@@ -68,66 +67,59 @@ def _torch_if_tensor(obj: Any):
     return None
 
 
-def result_dtype_is_f64(info: Dict[str, Any]) -> bool:
-    return bool(info["dtype_mask"] & _F64_BIT)
-
-
-def torch_scalar(torch: Any, value: float, info: Dict[str, Any], device: Any) -> Any:
+def torch_scalar(torch: Any, value: float, result: "_core.Result", device: Any) -> Any:
     """A 0-d norm tensor: float64 when any input is float64, else float32 (also
     for 16-bit inputs, whose norm torch would round to 16 bits)."""
-    dtype = torch.float64 if result_dtype_is_f64(info) else torch.float32
+    dtype = torch.float64 if result.result_f64 else torch.float32
     if dtype is torch.float32 and abs(value) > _F32_MAX:
         # Round to float32 as torch.tensor() would: up to max + half an ulp the
         # result is float32's max, beyond it inf (scalar_tensor would raise).
-        value = float("inf") if abs(value) >= _F32_ROUNDS_TO_INF else _F32_MAX
+        value = float("inf") if not _core.finite_as_reported(value, True) else _F32_MAX
     if device.type == "cpu":
         return torch.scalar_tensor(value, dtype=dtype)  # ~1.6 us; torch.tensor() takes ~4 us
     return torch.scalar_tensor(value, dtype=dtype, device=device)
 
 
-def total_of(info: Dict[str, Any]) -> Any:
+def total_of(result: "_core.Result") -> Any:
     """The total norm of a native result: a float, or a 0-d device array for CUDA input."""
-    if "device_out" in info:
+    if result.device is not None:
         from . import _device
 
-        return _device.total(info)
-    return info["total"]
+        return _device.total(result.device)
+    return result.total
 
 
-def total_is_finite(info: Dict[str, Any]) -> bool:
+def total_is_finite(result: "_core.Result") -> bool:
     """Whether the total norm is finite as reported: in float32 unless an input
-    is float64 (the native hold decision, finite_as_reported, is the same). For
-    CUDA input this waits for the device (the one host sync
-    ``error_if_nonfinite=True`` needs)."""
-    total = float(total_of(info))
-    if result_dtype_is_f64(info):
-        return math.isfinite(total)
-    return abs(total) < _F32_ROUNDS_TO_INF
+    is float64 (the native rule, finite_as_reported, that also decides whether
+    to hold the gradients). For CUDA input this waits for the device (the one
+    host sync ``error_if_nonfinite=True`` needs)."""
+    return _core.finite_as_reported(float(total_of(result)), not result.result_f64)
 
 
-def scalar_result(items: Sequence[Any], info: Dict[str, Any]) -> Any:
+def scalar_result(items: Sequence[Any], result: "_core.Result") -> Any:
     """A total norm in the caller's framework: a 0-d tensor for torch input
     (on the first tensor's device), a 0-d device array for CUDA input, a
     Python float otherwise."""
-    if "device_out" in info:
-        return total_of(info)
-    value = info["total"]
-    index = info["first_index"]
+    if result.device is not None:
+        return total_of(result)
+    value = result.total
+    index = result.first_index
     torch = _torch_if_tensor(items[index]) if index >= 0 else None
     if torch is None:
         return value
-    return torch_scalar(torch, value, info, items[index].device)
+    return torch_scalar(torch, value, result, items[index].device)
 
 
-def vector_result(items: Sequence[Any], info: Dict[str, Any]) -> Any:
+def vector_result(items: Sequence[Any], result: "_core.Result") -> Any:
     """Per-tensor norms: a NumPy array (float64), a torch tensor for torch input,
     or a device array for CUDA input (float32, or float64 for float64 input)."""
-    if "device_out" in info:
+    if result.device is not None:
         from . import _device
 
-        return _device.per_tensor(info)
-    values = info["norms"]
-    index = info["first_index"]
+        return _device.per_tensor(result.device)
+    values = result.norms
+    index = result.first_index
     torch = _torch_if_tensor(items[index]) if index >= 0 else None
     if torch is None:
         return values

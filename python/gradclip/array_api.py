@@ -40,15 +40,15 @@ def global_norm(arrays: Arrays, ord: float = 2.0) -> Any:
     finite inputs never give an inf norm unless the true norm exceeds float64.
     """
     items = as_list(arrays)
-    info = _core.norms(items, norm_order(ord, "ord"), "arrays", False, False)
-    return scalar_result(items, info)
+    result = _core.clip(items, kind="none", order=norm_order(ord, "ord"), argname="arrays")
+    return scalar_result(items, result)
 
 
 def tensor_norms(arrays: Arrays, ord: float = 2.0) -> Any:
     """The ``ord``-norm of each array, from the same single pass (float64)."""
     items = as_list(arrays)
-    info = _core.norms(items, norm_order(ord, "ord"), "arrays", False, True)
-    return vector_result(items, info)
+    result = _core.clip(items, kind="none", order=norm_order(ord, "ord"), argname="arrays", per_tensor=True)
+    return vector_result(items, result)
 
 
 def clip_by_global_norm_(
@@ -68,13 +68,13 @@ def clip_by_global_norm_(
     """
     items = as_list(arrays)
     p = norm_order(ord, "ord")
-    info = _core.clip_norm(
-        items, nonnegative(max_norm, "max_norm"), p, nonnegative(eps, "eps"), "global", "arrays", False, False,
-        bool(error_if_nonfinite),
+    result = _core.clip(
+        items, kind="global", limits=[nonnegative(max_norm, "max_norm")], order=p, eps=nonnegative(eps, "eps"),
+        nonfinite="error" if error_if_nonfinite else "propagate", argname="arrays",
     )
-    if error_if_nonfinite and not total_is_finite(info):
+    if error_if_nonfinite and not total_is_finite(result):
         raise nonfinite_error(p)
-    return scalar_result(items, info)
+    return scalar_result(items, result)
 
 
 def clip_by_value_(arrays: Arrays, clip_value: float) -> Any:
@@ -86,31 +86,31 @@ def clip_by_value_(arrays: Arrays, clip_value: float) -> Any:
     """
     items = as_list(arrays)
     v = nonnegative(clip_value, "clip_value")
-    info = _core.clamp(items, v, "arrays", False)
-    if "device_out" in info:
+    result = _core.clip(items, kind="value", limits=[v], argname="arrays", want_changed=True)
+    if result.device is not None:
         from . import _device
 
-        return _device.changed(info)
-    return bool(info["changed"])
+        return _device.changed(result.device)
+    return result.changed
 
 
 def clip_by_norm_(arrays: Arrays, max_norm: float, ord: float = 2.0, *, eps: float = 1e-6) -> Any:
     """Clip each array on its own (Keras ``clipnorm``): array i is scaled by
     ``min(max_norm / (norm_i + eps), 1)``. Returns the pre-clip norms."""
     items = as_list(arrays)
-    info = _core.clip_norm(
-        items, nonnegative(max_norm, "max_norm"), norm_order(ord, "ord"), nonnegative(eps, "eps"), "per_tensor",
-        "arrays", False, True, False,
+    result = _core.clip(
+        items, kind="per_tensor", limits=[nonnegative(max_norm, "max_norm")], order=norm_order(ord, "ord"),
+        eps=nonnegative(eps, "eps"), argname="arrays", per_tensor=True,
     )
-    return vector_result(items, info)
+    return vector_result(items, result)
 
 
 def normalize_(arrays: Arrays, target_norm: float = 1.0, ord: float = 2.0) -> Any:
     """Scale all arrays together so that their global norm becomes
     ``target_norm``; return the norm before. All-zero input is left as it is."""
     items = as_list(arrays)
-    info = _core.clip_norm(
-        items, nonnegative(target_norm, "target_norm"), norm_order(ord, "ord"), 0.0, "normalize", "arrays", False,
-        False, False,
+    result = _core.clip(
+        items, kind="normalize", limits=[nonnegative(target_norm, "target_norm")], order=norm_order(ord, "ord"),
+        argname="arrays",
     )
-    return scalar_result(items, info)
+    return scalar_result(items, result)

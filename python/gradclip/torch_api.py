@@ -12,12 +12,11 @@ Deliberate differences (see README, "Differences from torch"):
 
 from __future__ import annotations
 
-import math
 import types
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
-from . import _core
+from . import _core, _seam
 from ._inputs import (
     as_list,
     is_array_like,
@@ -41,19 +40,19 @@ __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_
 _EPS = 1e-6  # torch's: coef = max_norm / (total_norm + 1e-6)
 
 
-def _total_as_tensor(items, info, of_grads: bool) -> "torch.Tensor":
+def _total_as_tensor(items, result, of_grads: bool) -> "torch.Tensor":
     """The total norm on the first gradient's (or, for get_total_norm, tensor's)
     device; CUDA results are already there, computed without a host sync."""
     import torch
 
-    if info["count"] == 0:
+    if result.count == 0:
         return torch.tensor(0.0)
-    total = total_of(info)
+    total = total_of(result)
     if not isinstance(total, float):
         return total
-    first = items[info["first_index"]]
+    first = items[result.first_index]
     device = first.grad.device if of_grads else first.device
-    return torch_scalar(torch, total, info, device)
+    return torch_scalar(torch, total, result, device)
 
 
 def clip_grad_norm_(
@@ -89,94 +88,61 @@ def clip_grad_norm_(
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     p = norm_order(norm_type, "norm_type")
     limit = nonnegative(max_norm, "max_norm")
-    try:
-        info = _core.clip_norm(params, limit, p, _EPS, "global", "parameters", True, False, bool(error_if_nonfinite))
-    except _core.MixedDevicesError:
-        return _clip_across_devices(params, limit, p, bool(error_if_nonfinite))
-    if error_if_nonfinite and not total_is_finite(info):
+    nonfinite = _NONFINITE[bool(error_if_nonfinite)]
+    result = _core.clip(params, kind="global", limits=[limit], order=p, eps=_EPS, nonfinite=nonfinite,
+                        argname="parameters", grad_attr=True, split_devices=True)
+    if result.items_by_device is not None:
+        return _clip_across_devices(params, result, limit, p, nonfinite)
+    if error_if_nonfinite and not total_is_finite(result):
         raise nonfinite_error(p)
-    return _total_as_tensor(params, info, of_grads=True)
+    return _total_as_tensor(params, result, of_grads=True)
 
 
-def _by_device(tensors) -> List[List[Any]]:
-    """The tensors grouped by device, first device first."""
-    groups: Dict[Any, List[Any]] = {}
-    for t in tensors:  # something without a device (None, a list) is refused in its group
-        groups.setdefault(getattr(t, "device", None), []).append(t)
-    return list(groups.values())
+# What a nonfinite total does, by error_if_nonfinite: hold (write nothing, then
+# raise), or propagate as torch does.
+_NONFINITE = {True: "error", False: "propagate"}
 
 
-def _grads_by_device(params) -> List[Tuple[Any, List[Any]]]:
-    """(device, group) per gradient device, first device first. Each group is as
-    long as ``params``: the other devices' parameters are replaced by a stand-in
-    without a gradient (skipped, like any parameter without one), so an error
-    still names the caller's list index. An item without a ``.grad`` attribute
-    stays in every group, to be refused there."""
-    devices: List[Any] = []
-    for item in params:
-        g = getattr(item, "grad", None)
-        if g is not None and g.device not in devices:
-            devices.append(g.device)
-
-    def on(item: Any, device: Any) -> bool:
-        if not hasattr(item, "grad"):
-            return True
-        return item.grad is not None and item.grad.device == device
-
-    return [(d, [item if on(item, d) else _NO_GRAD for item in params]) for d in devices]
-
-
-_NO_GRAD = types.SimpleNamespace(grad=None)
-
-
-def _validate_for_writing(groups) -> None:
-    """Checks every device group's gradients as writable (a coefficient of 1
-    writes nothing), so that no gradient changes before all of them are checked."""
-    for _, group in groups:
-        _core.scale(group, 1.0, "parameters", True)
-
-
-def _total_across_devices(groups: List[List[Any]], p: float, of_grads: bool) -> "torch.Tensor":
-    """torch's scheme for several devices: each device's norm, moved to the first
-    device and combined there. For gradients each group is validated for writing
-    (a limit of inf writes nothing), so no gradient changes before all are checked."""
+def _combine_across_devices(params, by_device, p: float, of_grads: bool, nonfinite: str = "propagate"):
+    """torch's scheme for lists over several devices, on the engine's seam:
+    each device's tensors reduced where they lie, every device's partial power
+    sums stacked in list order on each device (no host sync), and each device
+    finished with that same stack, so all of them see one total. Returns a
+    finisher per device: ``finish(kind, limits)`` -> its Result."""
     import torch
 
-    norms = []
-    for group in groups:
-        if of_grads:
-            info = _core.clip_norm(group, math.inf, p, _EPS, "global", "parameters", True, False, True)
-        else:
-            info = _core.norms(group, p, "tensors", False, False)
-        norms.append(_total_as_tensor(group, info, of_grads))
-    first = norms[0].device
-    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    return torch.linalg.vector_norm(torch.stack([n.to(first, dtype) for n in norms]), p)
+    argname = "parameters" if of_grads else "tensors"
+    local = [_seam.reduce(params, order=p, argname=argname, grad_attr=of_grads, nonfinite=nonfinite, only=items)
+             for items in by_device]
+    parts = [torch.as_tensor(n.partials) for n in local]
+    result_f64 = any(_seam_result_f64(params, items, of_grads) for items in by_device)
+
+    def finisher(k: int):
+        device = parts[k].device
+        stack = torch.stack([q.to(device) for q in parts])
+        return lambda **kw: local[k].finish(combined=stack, result_f64=result_f64, eps=_EPS, nonfinite=nonfinite, **kw)
+
+    return [finisher(k) for k in range(len(local))]
 
 
-def _clip_across_devices(params, limit: float, p: float, error_if_nonfinite: bool) -> "torch.Tensor":
-    groups = _grads_by_device(params)
-    total = _total_across_devices([group for _, group in groups], p, of_grads=True)
-    if error_if_nonfinite and not math.isfinite(float(total)):
+def _seam_result_f64(params, items, of_grads: bool) -> bool:
+    import torch
+
+    for i in items:
+        t = params[i].grad if of_grads else params[i]
+        if t.dtype == torch.float64:
+            return True
+    return False
+
+
+def _clip_across_devices(params, split, limit: float, p: float, nonfinite: str) -> "torch.Tensor":
+    finishers = _combine_across_devices(params, split.items_by_device, p, of_grads=True, nonfinite=nonfinite)
+    # Every device holds, or none does: they finish with the same stack.
+    results = [finish(kind="global", limits=[limit]) for finish in finishers]
+    total = _total_as_tensor(params, results[0], of_grads=True)
+    if nonfinite == "error" and not total_is_finite(results[0]):
         raise nonfinite_error(p)
-    _scale_across_devices(groups, limit, total)
     return total
-
-
-def _scale_by_norm(params, limit: float, total: Any) -> None:
-    """Scale by the clip coefficient of ``total``: a float, or a 0-d tensor read
-    where it lies (on CUDA the coefficient is computed on the device)."""
-    if is_array_like(total):
-        _core.scale_by_norm(params, limit, total, _EPS, "parameters", True)
-    else:
-        _core.scale(params, _core.clip_coefficient(limit, float(total), _EPS), "parameters", True)
-
-
-def _scale_across_devices(groups, limit: float, total: Any) -> None:
-    """Each device's gradients scaled by the coefficient of ``total``, which
-    (when a tensor) is copied to each device, as torch does."""
-    for device, group in groups:
-        _scale_by_norm(group, limit, total.to(device) if is_array_like(total) else total)
 
 
 def get_total_norm(
@@ -193,16 +159,13 @@ def get_total_norm(
     del foreach
     items = as_list(tensors)
     p = norm_order(norm_type, "norm_type")
-    try:
-        info = _core.norms(items, p, "tensors", False, False)
-    except _core.MixedDevicesError:
-        total = _total_across_devices(_by_device(items), p, of_grads=False)
-        if error_if_nonfinite and not math.isfinite(float(total)):
-            raise nonfinite_error(p)
-        return total
-    if error_if_nonfinite and not total_is_finite(info):
+    result = _core.clip(items, kind="none", order=p, argname="tensors", split_devices=True)
+    if result.items_by_device is not None:
+        first_device = _combine_across_devices(items, result.items_by_device, p, of_grads=False)[0]
+        result = first_device(kind="none")
+    if error_if_nonfinite and not total_is_finite(result):
         raise nonfinite_error(p)
-    return _total_as_tensor(items, info, of_grads=False)
+    return _total_as_tensor(items, result, of_grads=False)
 
 
 def clip_grads_with_norm_(
@@ -217,12 +180,16 @@ def clip_grads_with_norm_(
     del foreach
     params = as_list(parameters)
     limit = nonnegative(max_norm, "max_norm")
-    try:
-        _scale_by_norm(params, limit, total_norm)
-    except _core.MixedDevicesError:
-        groups = _grads_by_device(params)
-        _validate_for_writing(groups)
-        _scale_across_devices(groups, limit, total_norm)
+    if not is_array_like(total_norm):
+        total_norm = float(total_norm)
+    result = _core.clip(params, kind="global", limits=[limit], eps=_EPS, given_norm=total_norm,
+                        argname="parameters", grad_attr=True, split_devices=True)
+    # torch copies a tensor norm to each device and scales each device's gradients there.
+    for items in result.items_by_device or ():
+        device = params[items[0]].grad.device
+        norm = total_norm.to(device) if is_array_like(total_norm) else total_norm
+        _core.clip(params, kind="global", limits=[limit], eps=_EPS, given_norm=norm, argname="parameters",
+                   grad_attr=True, items=items)
 
 
 def clip_grad_value_(
@@ -238,10 +205,6 @@ def clip_grad_value_(
     del foreach
     params = as_list(parameters)
     v = nonnegative(clip_value, "clip_value")
-    try:
-        _core.clamp(params, v, "parameters", True, False)
-    except _core.MixedDevicesError:  # torch clamps each device's gradients on that device
-        groups = _grads_by_device(params)
-        _validate_for_writing(groups)
-        for _, group in groups:
-            _core.clamp(group, v, "parameters", True, False)
+    result = _core.clip(params, kind="value", limits=[v], argname="parameters", grad_attr=True, split_devices=True)
+    for items in result.items_by_device or ():  # torch clamps each device's gradients on that device
+        _core.clip(params, kind="value", limits=[v], argname="parameters", grad_attr=True, items=items)

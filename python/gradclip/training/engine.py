@@ -1,0 +1,114 @@
+"""The clip every training-loop front end runs (:func:`gradclip.attach`,
+:func:`gradclip.clip_gradients_`): one native call, or for an adaptive limit
+one reduction, the clipper's threshold, then one finish (the engine's seam)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+
+from .. import _core, _seam
+from .options import KIND_OF_OPTION, ClipOptions
+from .records import NonfiniteGradientError, StepRecord
+
+
+class Engine:
+    """Runs one :class:`ClipOptions`, counting its steps. ``run`` takes the
+    flat parameter list, the pool (limit group) of each parameter and one
+    limit per pool."""
+
+    def __init__(self, options: ClipOptions):
+        self.options = options
+        self.steps = 0
+
+    def run(self, params: Sequence[Any], pool_of_item: Optional[np.ndarray], limits: List[float],
+            names: Sequence[str]) -> StepRecord:
+        step = self.steps
+        self.steps += 1
+        o = self.options
+        if o.option == "agc":
+            return self._run_agc(params, pool_of_item, limits, names, step)
+        if o.adaptive:
+            return self._run_adaptive(params, names, step)
+        kind = KIND_OF_OPTION[o.option]
+        r = _core.clip(params, kind=kind, limits=limits, group_of_item=pool_of_item, order=o.p, eps=o.eps,
+                       nonfinite=o.nonfinite, argname="parameters", grad_attr=True, report=True)
+        held = self._held(r, names)
+        # One factor per pool for a global limit, one per tensor otherwise.
+        coefs = r.group_coefs if kind == "global" else r.coefs
+        if kind == "value":
+            clip_coef = math.nan
+        elif held or coefs is None or coefs.size == 0:
+            clip_coef = 1.0  # nothing was scaled
+        else:
+            clip_coef = float(coefs.min())
+        return self._record(step, r, names, clip_coef=clip_coef, clipped=r.written, skipped=held)
+
+    def _run_adaptive(self, params, names, step) -> StepRecord:
+        # The norms first (nothing written, except zeroing under 'zero'), then
+        # the clipper's threshold, then the finish: scaled when it clips.
+        o = self.options
+        local = _seam.reduce(params, order=o.p, argname="parameters", grad_attr=True,
+                             nonfinite="zero" if o.nonfinite == "zero" else "propagate")
+        total, nonfinite = local.summary()
+        if nonfinite and o.nonfinite in ("error", "skip"):
+            r = local.finish(kind="none", nonfinite="skip", report=True)
+            self._held(r, names)  # raises under 'error'
+            return self._record(step, r, names, clip_coef=1.0, clipped=False, skipped=True)
+        if math.isfinite(total):
+            threshold = float(o.limit.update(total))
+            limit = threshold
+        else:
+            # 'propagate': as torch, NaN spreads and an inf norm zeroes; a
+            # nonfinite norm is not fed into the clipper's history.
+            threshold = math.nan
+            limit = 1.0
+        r = local.finish(kind="global", limits=[limit], eps=o.eps, report=True)
+        coef = float(r.group_coefs[0])
+        clipped = coef != 1.0 and r.count > 0
+        return self._record(step, r, names, clip_coef=coef, clipped=clipped or bool(r.zeroed), threshold=threshold)
+
+    def _run_agc(self, params, pool_of_item, limits, names, step) -> StepRecord:
+        o = self.options
+        r = _core.clip_units(params, clipping=limits, group_of_item=pool_of_item, eps=o.agc_eps, order=o.p,
+                             nonfinite=o.nonfinite, argname="parameters")
+        held = self._held(r, names)
+        clipped = (r.clipped_units > 0 and not held) or bool(r.zeroed)
+        return self._record(step, r, names, clip_coef=math.nan, clipped=clipped, skipped=held,
+                            clipped_units=int(r.clipped_units))
+
+    def _held(self, r: "_core.Result", names: Sequence[str]) -> bool:
+        """Whether the native call wrote nothing because of a nonfinite norm
+        ('error' raises here, 'skip' returns True)."""
+        policy = self.options.nonfinite
+        if not r.nonfinite or policy in ("propagate", "zero"):
+            return False
+        if policy == "error":
+            bad = [names[i] for i in r.nonfinite_indices.tolist()]
+            shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+            raise NonfiniteGradientError(
+                f"nonfinite='error': the gradient norm of order {self.options.p} is nonfinite (total {r.total}) in "
+                f"{len(bad) or 'the sum of'} gradients{': ' + shown if bad else ''}; no gradient was modified",
+                bad,
+            )
+        return True
+
+    @staticmethod
+    def _record(step, r, names, *, clip_coef, clipped, skipped=False, threshold=math.nan, clipped_units=0):
+        return StepRecord(
+            step=step,
+            total_norm=float(r.total),
+            clip_coef=float(clip_coef),
+            clipped=bool(clipped),
+            skipped=bool(skipped),
+            nonfinite_tensors=int(r.nonfinite_indices.size),
+            zeroed_elements=int(r.zeroed),
+            threshold=float(threshold),
+            clipped_units=int(clipped_units),
+            _names=names,
+            _norms=r.norms,
+            _indices=r.indices,
+            _nonfinite_indices=r.nonfinite_indices,
+        )

@@ -1,0 +1,203 @@
+"""The clip as an optimizer step pre-hook: :func:`attach` and its :class:`ClipHandle`."""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any, Callable, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from .engine import Engine
+from .options import TORCH_EPS, check_limit, clip_options
+from .records import StepRecord, names_by_id
+
+__all__ = ["ClipHandle", "attach"]
+
+
+class _SkipStep(Exception):
+    """Raised by the pre-hook to cancel optimizer.step(); caught by the step
+    wrapper that attach() installs."""
+
+    def __init__(self):
+        super().__init__(
+            "gradclip skipped this optimizer step (nonfinite gradients, nonfinite='skip'); this exception "
+            "is normally caught by the optimizer.step installed by gradclip.attach: call optimizer.step() "
+            "itself rather than a reference to it taken before attach()"
+        )
+
+
+
+class ClipHandle:
+    """Returned by :func:`attach`. ``remove()`` (or leaving a ``with`` block)
+    detaches the clip and restores ``optimizer.step``; ``last`` is the latest
+    :class:`StepRecord`."""
+
+    def __init__(self, optimizer, engine: Engine, named_parameters, on_step):
+        self.optimizer = optimizer
+        self.last: Optional[StepRecord] = None
+        self._engine = engine
+        self._on_step = on_step
+        self._named = names_by_id(named_parameters)
+        self._layout_key: Optional[tuple] = None
+        self._params: List[Any] = []
+        self._group_of_item = np.zeros(0, dtype=np.int32)
+        self._names: List[str] = []
+        self._active = True
+        self._hook = optimizer.register_step_pre_hook(self._pre_hook)
+        self._install_step_wrapper()
+
+    # -- step wrapper: lets the pre-hook cancel a step ('skip') --
+
+    def _install_step_wrapper(self) -> None:
+        opt = self.optimizer
+        had_own = "step" in opt.__dict__
+        inner = opt.step
+        handle = self
+
+        def step(self_, *args, **kwargs):
+            if not handle._active:
+                return inner(*args, **kwargs)
+            try:
+                return inner(*args, **kwargs)
+            except _SkipStep:
+                return None
+
+        # Keep the markers others put on step (e.g. torch's LR schedulers check
+        # `_wrapped_by_lr_sched`), and install a bound method, as schedulers
+        # created later expect (they rebind `step.__func__`).
+        step.__dict__.update(getattr(inner, "__dict__", {}))
+        step.__wrapped__ = inner  # type: ignore[attr-defined]
+        self._wrapper = types.MethodType(step, opt)
+        self._previous_step = (had_own, opt.__dict__.get("step"))
+        opt.step = self._wrapper
+
+    def remove(self) -> None:
+        """Detach: the hook is removed and ``optimizer.step`` restored (or, if
+        something wrapped it after attach(), made a pass-through)."""
+        if not self._active:
+            return
+        self._active = False
+        self._hook.remove()
+        opt = self.optimizer
+        if opt.__dict__.get("step") is self._wrapper:
+            had_own, previous = self._previous_step
+            if had_own:
+                opt.step = previous
+            else:
+                del opt.step
+
+    def __enter__(self) -> "ClipHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- the hook --
+
+    def _layout(self) -> Tuple[List[Any], Optional[np.ndarray], List[float]]:
+        """The flat parameter list and each parameter's pool, rebuilt only when
+        the param groups change; the limits are read every step, so a group's
+        limit can be changed (scheduled) during training."""
+        groups = self.optimizer.param_groups
+        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        if key != self._layout_key:
+            params, group_of_item, fallback = [], [], []
+            for gi, g in enumerate(groups):
+                for pi, p in enumerate(g["params"]):
+                    params.append(p)
+                    group_of_item.append(gi)
+                    fallback.append(f"param_groups[{gi}].params[{pi}]")
+            self._params = params
+            self._names = [self._named.get(id(p)) or fallback[i] for i, p in enumerate(params)]
+            self._group_of_item = np.asarray(group_of_item, dtype=np.int32)
+            self._layout_key = key
+        options = self._engine.options
+        option = options.option
+        # Pool 0: every group without a limit of its own, clipped together
+        # under the default limit; then one pool per group with its own limit.
+        limits = [options.default_limit]
+        if option is None or not any(option in g for g in groups):
+            return self._params, None, limits  # the common case: one pool, no group array
+        pool_of_group = np.zeros(len(groups), dtype=np.int32)
+        for gi, g in enumerate(groups):
+            if option in g:
+                if options.adaptive:
+                    raise ValueError(
+                        f"param_groups[{gi}]['{option}']: per-group limits cannot be combined with an adaptive "
+                        f"clipper ({type(options.limit).__name__}), which sets one limit for all gradients"
+                    )
+                own = check_limit(g[option], f"param_groups[{gi}]['{option}']", agc=option == "agc")
+                if own is None:
+                    # Not clipped: for the norm options its norm is still
+                    # measured (an infinite limit); AGC leaves the group out.
+                    if option == "agc":
+                        pool_of_group[gi] = -1
+                        continue
+                    own = math.inf
+                pool_of_group[gi] = len(limits)
+                limits.append(own)
+        return self._params, pool_of_group[self._group_of_item], limits
+
+    def _pre_hook(self, optimizer, args, kwargs) -> None:
+        # torch passes the optimizer itself as args[0].
+        if (len(args) > 1 or kwargs) and (
+            any(a is not None for a in args[1:]) or any(v is not None for v in kwargs.values())
+        ):
+            raise RuntimeError(
+                "gradclip.attach: optimizer.step() was called with arguments (a closure?); a closure "
+                "recomputes the gradients inside step(), after the clip ran, so it cannot be clipped this way"
+            )
+        if getattr(optimizer, "grad_scale", None) is not None:
+            raise RuntimeError(
+                "gradclip.attach: the gradients are still scaled by GradScaler (this optimizer unscales inside "
+                "its fused step); call scaler.unscale_(optimizer) before scaler.step(optimizer)"
+            )
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return  # GradScaler found infs: this fused optimizer's step will skip the update itself
+        params, pools, limits = self._layout()
+        record = self._engine.run(params, pools, limits, self._names)
+        self.last = record
+        if self._on_step is not None:
+            self._on_step(record)
+        if record.skipped:
+            raise _SkipStep()
+
+
+def attach(
+    optimizer: Any,
+    *,
+    global_clipnorm: Any = None,
+    clipnorm: Optional[float] = None,
+    clipvalue: Optional[float] = None,
+    agc: Optional[float] = None,
+    norm_type: Any = 2.0,
+    nonfinite: str = "propagate",
+    eps: float = TORCH_EPS,
+    agc_eps: float = 1e-3,
+    named_parameters: Optional[Iterable[Tuple[str, Any]]] = None,
+    on_step: Optional[Callable[[StepRecord], Any]] = None,
+) -> ClipHandle:
+    """Clip the gradients of ``optimizer``'s parameters before every
+    ``optimizer.step()``, in one fused call; returns a removable
+    :class:`ClipHandle`.
+
+    Options as in :func:`clip_gradients_` (at most one of ``global_clipnorm``,
+    ``clipnorm``, ``clipvalue``, ``agc``, as Keras enforces). A param group may
+    carry its own limit under the same key, e.g.
+    ``{"params": head.parameters(), "global_clipnorm": 5.0}``: the groups
+    without one are clipped together under the default limit, each group with
+    one on its own; ``None`` there means "do not clip this group". The limits
+    are read at every step, so they can be changed during training.
+
+    Works with ``zero_grad(set_to_none=True)`` (parameters without a gradient
+    are skipped) and with ``torch.amp.GradScaler``: ``scaler.step(optimizer)``
+    unscales before it calls ``optimizer.step()``, so the clip sees unscaled
+    gradients, and when the scaler finds infs it skips the step and the clip.
+    ``nonfinite='skip'`` makes ``optimizer.step()`` return without updating
+    anything (``handle.last.skipped`` tells). ``on_step(record)`` is called
+    after each clip, e.g. with a :class:`CsvLogger` or :class:`TensorBoardLogger`.
+    """
+    options = clip_options(global_clipnorm, clipnorm, clipvalue, agc, norm_type, nonfinite, eps, agc_eps)
+    return ClipHandle(optimizer, Engine(options), named_parameters, on_step)
