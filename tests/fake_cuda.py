@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Optional
 
+import numpy as np
+
 KDL_CUDA = 2
 KDL_FLOAT = 2
 KDL_BFLOAT = 4
@@ -84,3 +86,21 @@ class FakeCudaArray:
     @property
     def device(self):  # what the drop-ins group by (a torch.device for real tensors)
         return ("cuda", self._device)
+
+
+def host_allocate(like, out_bytes: int, workspace_bytes: int):
+    """gradclip._device.allocate for the simulator: NumPy buffers, 256-byte
+    aligned as a device allocator's, filled with NaN bytes so that a result
+    nobody wrote shows."""
+
+    def buffer(n: int):
+        if not n:
+            return None, 0
+        raw = np.full(n + 256, 0xFF, dtype=np.uint8)
+        start = (-raw.ctypes.data) % 256
+        view = raw[start : start + n]
+        return view, view.ctypes.data
+
+    out, out_ptr = buffer(out_bytes)
+    ws, ws_ptr = buffer(workspace_bytes)
+    return out, out_ptr, ws, ws_ptr, 0

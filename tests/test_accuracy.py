@@ -149,6 +149,17 @@ def test_integer_valued_data_gives_exact_norms(dtype):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("p", NORM_ORDERS + [1500.0], ids=NORM_IDS + ["L1500"])
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=TORCH_DTYPE_IDS)
+def test_norms_of_negative_zeros_are_positive_zero(p, dtype):
+    # A norm is never negative: the sign of a zero element must not leak into
+    # it, whether the zero lands in a SIMD lane, a scalar tail or the rescue's
+    # largest |x| (torch gives +0 too). Sizes around the 16-lane width.
+    tensors = [torch.full((n,), -0.0, dtype=dtype) for n in (1, 15, 16, 17, 40)]
+    for norm in [*gradclip.tensor_norms(tensors, p).tolist(), float(gradclip.get_total_norm(tensors, p))]:
+        assert norm == 0.0 and math.copysign(1.0, norm) == 1.0, f"norm {norm!r}"
+
+
 @pytest.mark.parametrize("p", NORM_ORDERS, ids=NORM_IDS)
 @pytest.mark.parametrize("value", [1e25, 3.0e38, -3.4028234663852886e38], ids=["1e25", "3e38", "-f32max"])
 def test_fp32_huge_values_give_finite_exact_norms(p, value):

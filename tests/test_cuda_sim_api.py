@@ -44,30 +44,12 @@ from conftest import (
     require_cuda_sim,
     result_dtype_of,
 )
-from fake_cuda import FakeCudaArray
+from fake_cuda import FakeCudaArray, host_allocate
 
 _cuda_sim = require_cuda_sim()
 
 CHUNK = _cuda_sim.chunk
 SIZES = [1, 7, 16, 33, CHUNK - 1, CHUNK + 3, 2 * CHUNK + 1, 9 * CHUNK + 3]  # the last: > 8 blocks
-
-
-def host_allocate(like, out_bytes: int, workspace_bytes: int):
-    """gradclip._device.allocate for the simulator: NumPy buffers, 256-byte
-    aligned as a device allocator's, filled with NaN bytes so that a result
-    nobody wrote shows."""
-
-    def buffer(n: int):
-        if not n:
-            return None, 0
-        raw = np.full(n + 256, 0xFF, dtype=np.uint8)
-        start = (-raw.ctypes.data) % 256
-        view = raw[start : start + n]
-        return view, view.ctypes.data
-
-    out, out_ptr = buffer(out_bytes)
-    ws, ws_ptr = buffer(workspace_bytes)
-    return out, out_ptr, ws, ws_ptr, 0
 
 
 @pytest.fixture(autouse=True)
