@@ -17,8 +17,8 @@ namespace gradclip::cpu {
 
 constexpr int kLanes = 16;
 
-// How far ahead the streaming loops prefetch (the measurements are in
-// kernels_impl.h). NormStream prefetches the first kPrefetchBytes of each small
+// How far ahead the streaming loops prefetch (why: kernels_impl.h; the
+// measurements: bench/README.md). NormStream prefetches the first kPrefetchBytes of each small
 // tensor itself, the part the kernels' own prefetches never cover.
 constexpr int64_t kPrefetchBytes = 2048;
 

@@ -32,11 +32,9 @@ static inline void from_compute(float v, bf16_t* out) { out->bits = float_to_bf1
 
 // Software prefetch this many bytes ahead of every streaming loop. Each loop
 // iteration carries a float64 add chain, so the out-of-order window holds only
-// a few cache lines' worth of loads; 16-bit data (half a line per iteration)
-// then reached only ~40% of one core's DRAM bandwidth. Measured on a 2-core
-// Xeon, one thread, 32M elements: bf16 sum of squares 6.5 -> 17 GB/s, float16
-// 6.7 -> 16-18, float32 15.9 -> 18, float64 13.9 -> 18 (distances of 512 to
-// 4096 bytes: 2048 best or level). A prefetch never faults, but one past the
+// a few cache lines' worth of loads, and 16-bit data (half a line per
+// iteration) left most of a core's DRAM bandwidth unused (the measurements:
+// bench/README.md, "Design measurements"). A prefetch never faults, but one past the
 // end of the tensor fetches memory nobody asked for: in a list of small
 // tensors that is another tensor's (or no tensor's) memory, half as much again
 // for a 4 KiB tensor. So prefetches stop at the tensor's end (`extent`

@@ -22,7 +22,7 @@ constexpr size_t kEarlyStartItemsLeft = 256;
 // Before reducing a span a worker prefetches its first kPrefetchBytes
 // (isa_kernels.h) of the next one: small tensors lie scattered, a page or less
 // each, where the hardware prefetcher does not reach, and the kernels prefetch
-// only from there on. 2 KiB here measured better than 4 KiB or none.
+// only from there on (2 KiB: bench/README.md, "Design measurements").
 
 inline void prefetch_span(const Span& s) {
   const char* p = static_cast<const char*>(s.data);

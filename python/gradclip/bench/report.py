@@ -1,4 +1,4 @@
-"""Turning a run into a table (text or Markdown), JSON, CSV, and the issue-A target check."""
+"""Turning a run into a table (text or Markdown), JSON, CSV, and the check against the CPU targets."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from .competitors import COMPETITORS
 
 SHORT = {"torch_foreach": "foreach", "torch_loop": "loop", "torch_compile": "compile", "numpy": "numpy"}
 
-# Issue A's targets for this 2-core CPU: (name, workload, dtype, mode, quantity, required).
+# The targets set for gradclip on a 2-core CPU: (name, workload, dtype, mode, quantity, required).
 # "vs torch" is against the faster of foreach=True / foreach=False.
-ISSUE_A_TARGETS = (
+CPU_TARGETS = (
     (">= 15x torch, 2000 small tensors (clipped)", "tiny-2000", "fp32", "norm-clip", "speedup", 15.0),
     (">= 15x torch, 2000 small tensors (not clipped)", "tiny-2000", "fp32", "norm-noclip", "speedup", 15.0),
     (">= 1.2x torch, 64M set clipped", "transformer-64m", "fp32", "norm-clip", "speedup", 1.2),
@@ -36,11 +36,11 @@ def _find(rows: Sequence[Dict[str, Any]], workload: str, dtype: str, mode: str, 
 
 
 def targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Issue A's targets that this run measured (CPU only), each with the value and verdict."""
+    """The CPU targets this run measured, each with the value and verdict."""
     if result["meta"]["device"] != "cpu":
         return []
     out = []
-    for name, workload, dtype, mode, quantity, required in ISSUE_A_TARGETS:
+    for name, workload, dtype, mode, quantity, required in CPU_TARGETS:
         row = _find(result["rows"], workload, dtype, mode)
         if row is None or row.get("median_s") is None:
             continue
@@ -131,7 +131,7 @@ def markdown_table(result: Dict[str, Any], dtype: Optional[str] = None) -> str:
 def targets_text(ts: Sequence[Dict[str, Any]]) -> str:
     if not ts:
         return ""
-    lines = ["Issue-A targets (vs the faster of torch foreach=True/False):"]
+    lines = ["Targets (vs the faster of torch foreach=True/False):"]
     for t in ts:
         value = _x(t["measured"]) if t["quantity"] == "speedup" else _pct(t["measured"])
         lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {value}")

@@ -114,7 +114,7 @@ def _build() -> Dict[str, Workload]:
          resnet50_shapes),
         ("lstm-lm", "2-layer LSTM LM (50M): WikiText-2 vocab 33278, 650 units, untied decoder",
          lstm_lm_shapes),
-        ("transformer-64m", "Issue-A set: GPT-style, vocab 32000, d 512, 16 layers (196 tensors, 64.2M)",
+        ("transformer-64m", "GPT-style, vocab 32000, d 512, 16 layers (196 tensors, 64.2M)",
          lambda: gpt_shapes(32000, 1024, 512, 16)),
         ("tiny-2000", "2000 tensors of 1024 elements (per-tensor overhead)",
          lambda: [(1024,)] * 2000),
