@@ -519,3 +519,29 @@ def test_dlpack_capsule_path_reads_tensors_that_require_grad_through_a_detached_
 def test_exchange_api_setting_zero_keeps_the_fast_path(exchange_api_results):
     same = json.loads(run_python(_PATH_SCRIPT, {"GRADCLIP_NO_EXCHANGE_API": "0"}))
     assert same == exchange_api_results
+
+
+def test_native_entry_point_checks_its_keywords():
+    # gradclip._core.clip parses its keywords itself (not through pybind11):
+    # every misuse is a TypeError naming the argument, and nothing is read.
+    from gradclip import _core
+
+    a = np.ones(4, np.float32)
+    with pytest.raises(TypeError, match=r"clip\(\) got an unexpected keyword argument 'ordr'"):
+        _core.clip([a], kind="none", argname="arrays", ordr=2.0)
+    with pytest.raises(TypeError, match=r"clip\(\) missing required argument 'kind'"):
+        _core.clip([a], argname="arrays")
+    with pytest.raises(TypeError, match=r"clip\(\) missing required argument 'argname'"):
+        _core.clip([a], kind="none")
+    with pytest.raises(TypeError, match=r"clip\(\) takes 1 positional argument\(s\), got 2"):
+        _core.clip([a], "none", argname="arrays")
+    with pytest.raises(TypeError, match=r"clip\(\) got multiple values for argument 'seq'"):
+        _core.clip([a], seq=[a], kind="none", argname="arrays")
+    with pytest.raises(TypeError, match=r"clip\(\): limits must be a sequence of numbers, got str"):
+        _core.clip([a], kind="global", limits="x", argname="arrays")
+    with pytest.raises(ValueError, match=r"kind: expected 'none', 'global'"):
+        _core.clip([a], kind="clamp", argname="arrays")
+    # A keyword built at run time (not interned) still matches by its text.
+    kw = "".join(["ord", "er"])
+    assert _core.clip([a], kind="none", argname="arrays", **{kw: 1.0}).total == 4.0
+    assert_bitwise_equal(a, np.ones(4, np.float32))

@@ -13,6 +13,7 @@
 
 #include "binding/call.h"
 #include "binding/device_resources.h"
+#include "binding/fast_call.h"
 #include "binding/intake.h"
 #include "binding/results.h"
 #include "core/clip_rules.h"
@@ -26,10 +27,10 @@ using namespace gradclip::binding;
 
 namespace {
 
-Result clip(py::handle seq, const std::string& kind, std::vector<double> limits, double order, double eps,
-            const std::string& nonfinite, py::object group_of_item, const std::string& argname, bool grad_attr,
-            bool per_tensor, bool report, bool want_changed, py::object given_norm, bool split_devices,
-            py::object items) {
+py::object clip(py::handle seq, const std::string& kind, std::vector<double> limits, double order, double eps,
+                const std::string& nonfinite, py::object group_of_item, const std::string& argname, bool grad_attr,
+                bool per_tensor, bool report, bool want_changed, py::object given_norm, bool split_devices,
+                py::object items) {
   CallArgs a = call_args(kind, std::move(limits), order, eps, nonfinite, argname, grad_attr, items,
                          split_devices);
   a.req.want_per_span = per_tensor;
@@ -42,7 +43,7 @@ Result clip(py::handle seq, const std::string& kind, std::vector<double> limits,
   }
   Call call(seq, a);
   const Intake& in = call.intake();
-  if (in.mixed()) return describe(in);
+  if (in.mixed()) return to_python(describe(in));
   engine::Request& req = call.request();
 
   // A given norm: a number, or a 0-d / 1-element tensor read where it lies
@@ -67,7 +68,29 @@ Result clip(py::handle seq, const std::string& kind, std::vector<double> limits,
     }
   }
   engine::Outcome o = call.with_backend([&](engine::Backend& b) { return engine::run(b, req); });
-  return convert(in, req, o, call.resources());
+  return to_python(convert(in, req, o, call.resources()));
+}
+
+// gradclip._core.clip(seq, *, kind, limits=[], order=2.0, eps=0.0,
+// nonfinite="propagate", group_of_item=None, argname, grad_attr=False,
+// per_tensor=False, report=False, want_changed=False, given_norm=None,
+// split_devices=False, items=None): see _core.pyi.
+PyObject* clip_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return translate_errors([&]() -> PyObject* {
+    static const char* const names[] = {"seq",       "kind",       "limits",     "order",        "eps",
+                                        "nonfinite", "group_of_item", "argname", "grad_attr",    "per_tensor",
+                                        "report",    "want_changed", "given_norm", "split_devices", "items"};
+    const FastArgs<15> a("clip", names, 1, args, nargs, kwnames);
+    auto object = [&](size_t k) { return py::reinterpret_borrow<py::object>(a.handle(k)); };
+    a.required(1);
+    a.required(7);
+    return clip(a.required(0), a.as_string(1, ""), a.as<std::vector<double>>(2, {}, "a sequence of numbers"), a.as_double(3, 2.0),
+                a.as_double(4, 0.0), a.as_string(5, "propagate"), object(6), a.as_string(7, ""),
+                a.as_bool(8, false), a.as_bool(9, false), a.as_bool(10, false), a.as_bool(11, false), object(12),
+                a.as_bool(13, false), object(14))
+        .release()
+        .ptr();
+  });
 }
 
 // The engine's seam, held across Python calls: the local power sums of a
@@ -108,7 +131,7 @@ class Reduction {
     return py::make_tuple(s.total, s.nonfinite);
   }
 
-  Result finish(const std::string& kind, std::vector<double> limits, double eps, const std::string& nonfinite,
+  py::object finish(const std::string& kind, std::vector<double> limits, double eps, const std::string& nonfinite,
                 py::object combined, bool per_tensor, bool report, py::object result_f64) {
     check_open();
     engine::Request& req = call_.request();
@@ -145,7 +168,7 @@ class Reduction {
     finished_ = true;
     engine::Outcome o =
         call_.with_backend([&](engine::Backend& b) { return b.finish(req, combined_span); });
-    return convert(call_.intake(), req, o, call_.resources());
+    return to_python(convert(call_.intake(), req, o, call_.resources()));
   }
 
  private:
@@ -175,7 +198,7 @@ std::unique_ptr<Reduction> reduce(py::handle seq, double order, const std::strin
 // row is limited to clipping * max(||parameter row||, eps), with one clipping
 // factor per group (group -1: left out). The parameters and their gradients
 // are all validated before any gradient is written.
-Result clip_units(py::handle seq, const std::vector<double>& clipping, py::object group_of_item, double eps,
+py::object clip_units(py::handle seq, const std::vector<double>& clipping, py::object group_of_item, double eps,
                   double order, const std::string& nonfinite, const std::string& argname_s) {
   const char* argname = argname_s.c_str();
   cpu::UnitClipRequest req;
@@ -243,7 +266,7 @@ Result clip_units(py::handle seq, const std::vector<double>& clipping, py::objec
   r.held = holds(req.nonfinite, u.nonfinite);
   r.nonfinite_indices = nonfinite_items(grads, u.nonfinite_grads);
   r.zeroed = u.zeroed;
-  return r;
+  return to_python(r);
 }
 
 }  // namespace
@@ -254,11 +277,13 @@ PYBIND11_MODULE(_core, m) {
 
   binding::register_results(m);
 
-  m.def("clip", &clip, py::arg("seq"), py::kw_only(), py::arg("kind"), py::arg("limits") = std::vector<double>{},
-        py::arg("order") = 2.0, py::arg("eps") = 0.0, py::arg("nonfinite") = "propagate",
-        py::arg("group_of_item") = py::none(), py::arg("argname"), py::arg("grad_attr") = false,
-        py::arg("per_tensor") = false, py::arg("report") = false, py::arg("want_changed") = false,
-        py::arg("given_norm") = py::none(), py::arg("split_devices") = false, py::arg("items") = py::none());
+  static PyMethodDef clip_def = {"clip", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&clip_entry)),
+                                 METH_FASTCALL | METH_KEYWORDS,
+                                 "clip(seq, *, kind, limits=[], order=2.0, eps=0.0, nonfinite='propagate', "
+                                 "group_of_item=None, argname, grad_attr=False, per_tensor=False, report=False, "
+                                 "want_changed=False, given_norm=None, split_devices=False, items=None) -> Result\n\n"
+                                 "One fused call: intake, norms, the nonfinite decision, coefficients, writes."};
+  m.add_object("clip", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&clip_def, nullptr, m.attr("__name__").ptr())));
 
   py::class_<Reduction>(m, "Reduction", "The engine's seam: local power sums, to combine, then finish.")
       .def("group_partials", &Reduction::group_partials)

@@ -47,7 +47,7 @@ Result convert(const Intake& in, const engine::Request& req, engine::Outcome& o,
       for (int32_t s : in.span_of_entry) spans.append(s);
       d.entry_spans = spans;
     }
-    r.device = py::cast(std::move(d));
+    r.device = to_python(d);
     return r;
   }
   if (req.reduces() || req.given.present) r.total = py::float_(o.total);
@@ -64,40 +64,63 @@ Result convert(const Intake& in, const engine::Request& req, engine::Outcome& o,
   return r;
 }
 
-void register_results(py::module_& m) {
-  py::class_<DeviceResult>(m, "DeviceResult", "Where a CUDA call left its results in device memory.")
-      .def_readonly("buffer", &DeviceResult::buffer)
-      .def_readonly("f64", &DeviceResult::f64)
-      .def_readonly("total_offset", &DeviceResult::total_offset)
-      .def_readonly("group_offset", &DeviceResult::group_offset)
-      .def_readonly("tensor_offset", &DeviceResult::tensor_offset)
-      .def_readonly("flags_offset", &DeviceResult::flags_offset)
-      .def_readonly("flag_count", &DeviceResult::flag_count)
-      .def_readonly("span_count", &DeviceResult::span_count)
-      .def_readonly("entry_spans", &DeviceResult::entry_spans);
+namespace {
 
-  py::class_<Result>(m, "Result", "What a clip call did; fields it does not produce are None.")
-      .def_readonly("count", &Result::count)
-      .def_readonly("first_index", &Result::first_index)
-      .def_readonly("result_f64", &Result::result_f64)
-      .def_readonly("items_by_device", &Result::items_by_device)
-      .def_readonly("total", &Result::total)
-      .def_readonly("norms", &Result::norms)
-      .def_readonly("indices", &Result::indices)
-      .def_readonly("group_norms", &Result::group_norms)
-      .def_readonly("group_coefs", &Result::group_coefs)
-      .def_readonly("coefs", &Result::coefs)
-      .def_readonly("nonfinite", &Result::nonfinite)
-      .def_readonly("held", &Result::held)
-      .def_readonly("nonfinite_indices", &Result::nonfinite_indices)
-      .def_readonly("written", &Result::written)
-      .def_readonly("changed", &Result::changed)
-      .def_readonly("zeroed", &Result::zeroed)
-      .def_readonly("device", &Result::device)
-      .def_readonly("param_norms", &Result::param_norms)
-      .def_readonly("grad_norms", &Result::grad_norms)
-      .def_readonly("units", &Result::units)
-      .def_readonly("clipped_units", &Result::clipped_units);
+#define GRADCLIP_FIELD_DOC(name, type, init, doc) {const_cast<char*>(#name), const_cast<char*>(doc)},
+PyStructSequence_Field g_device_result_fields[] = {GRADCLIP_DEVICE_RESULT_FIELDS(GRADCLIP_FIELD_DOC){nullptr, nullptr}};
+PyStructSequence_Field g_result_fields[] = {GRADCLIP_RESULT_FIELDS(GRADCLIP_FIELD_DOC){nullptr, nullptr}};
+#undef GRADCLIP_FIELD_DOC
+
+PyStructSequence_Desc g_device_result_desc = {
+    const_cast<char*>("gradclip._core.DeviceResult"),
+    const_cast<char*>("Where a CUDA call left its results in device memory: byte offsets into buffer."),
+    g_device_result_fields, int(sizeof(g_device_result_fields) / sizeof(g_device_result_fields[0]) - 1)};
+PyStructSequence_Desc g_result_desc = {
+    const_cast<char*>("gradclip._core.Result"),
+    const_cast<char*>("What a call did; fields it does not produce are None."), g_result_fields,
+    int(sizeof(g_result_fields) / sizeof(g_result_fields[0]) - 1)};
+
+PyTypeObject* g_device_result_type = nullptr;
+PyTypeObject* g_result_type = nullptr;
+
+PyObject* as_object(const py::object& o) { return o.inc_ref().ptr(); }
+PyObject* as_object(bool b) { return PyBool_FromLong(b); }
+PyObject* as_object(int64_t v) { return PyLong_FromLongLong(v); }
+
+template <class Fields>
+py::object new_struct(PyTypeObject* type, Fields&& set_all) {
+  PyObject* o = PyStructSequence_New(type);
+  if (!o) throw py::error_already_set();
+  set_all(o);
+  return py::reinterpret_steal<py::object>(o);
+}
+
+}  // namespace
+
+#define GRADCLIP_SET_FIELD(name, type, init, doc) PyStructSequence_SetItem(o, i++, as_object(r.name));
+
+py::object to_python(const Result& r) {
+  return new_struct(g_result_type, [&](PyObject* o) {
+    Py_ssize_t i = 0;
+    GRADCLIP_RESULT_FIELDS(GRADCLIP_SET_FIELD)
+  });
+}
+
+py::object to_python(const DeviceResult& r) {
+  return new_struct(g_device_result_type, [&](PyObject* o) {
+    Py_ssize_t i = 0;
+    GRADCLIP_DEVICE_RESULT_FIELDS(GRADCLIP_SET_FIELD)
+  });
+}
+
+#undef GRADCLIP_SET_FIELD
+
+void register_results(py::module_& m) {
+  g_device_result_type = PyStructSequence_NewType(&g_device_result_desc);
+  g_result_type = PyStructSequence_NewType(&g_result_desc);
+  if (!g_device_result_type || !g_result_type) throw py::error_already_set();
+  m.add_object("DeviceResult", reinterpret_cast<PyObject*>(g_device_result_type));
+  m.add_object("Result", reinterpret_cast<PyObject*>(g_result_type));
 }
 
 }  // namespace gradclip::binding

@@ -18,7 +18,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 class DeviceResult:
-    """Where a CUDA call left its results: byte offsets into ``buffer`` (-1: absent)."""
+    """Where a CUDA call left its results: byte offsets into ``buffer`` (-1: absent).
+    A struct sequence (a named tuple made in C), as is Result."""
 
     buffer: Any  # uint8 tensor / array on the device
     f64: bool  # norms stored as float64 (else float32)
