@@ -446,12 +446,12 @@ def test_scale_by_a_norm_in_device_memory(norm_dtype, norm_value):
 
 @pytest.mark.parametrize("job", ["clip_global", "clip_per_tensor", "normalize"])
 @pytest.mark.parametrize("bad", [NAN, INF], ids=["nan", "inf"])
-def test_hold_nonfinite_writes_no_gradient(job, bad):
+def test_nonfinite_hold_writes_no_gradient(job, bad):
     a = make_torch(CHUNK + 1, torch.float32, seed=170)
     b = make_torch(300, torch.float32, seed=171)
     b[7] = bad
     placed = Placed([a, b])
-    r = placed.run(job, limits=[1e-3], hold_nonfinite=True)
+    r = placed.run(job, limits=[1e-3], nonfinite="hold")
     placed.assert_unchanged()
     assert not math.isfinite(r["total"])
     # Without the hold, the same call writes (torch's behaviour without the flag).
@@ -464,10 +464,10 @@ def test_hold_on_a_total_that_overflows_float32_only():
     # float32's range: the reported total is inf, so the call must hold.
     a = torch.tensor([3e38], dtype=torch.float32)
     placed = Placed([a, a.clone()])
-    r = placed.run("clip_global", limits=[1.0], hold_nonfinite=True)
+    r = placed.run("clip_global", limits=[1.0], nonfinite="hold")
     assert r["total"] == INF
     placed.assert_unchanged()
-    r = placed.run("clip_global", limits=[1.0], hold_nonfinite=True, out_f64=True)
+    r = placed.run("clip_global", limits=[1.0], nonfinite="hold", out_f64=True)
     assert math.isfinite(r["total"])  # reported in float64 it is finite: the clip goes ahead
     assert not torch.equal(placed.views[0], a)
 

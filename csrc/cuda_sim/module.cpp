@@ -85,7 +85,7 @@ py::list launch_log() {
 }
 
 py::dict run(const std::vector<py::tuple>& tensors, const std::string& job, double p, double eps,
-             const std::vector<double>& limits, bool hold_nonfinite, double coef, py::object norm, double max_norm,
+             const std::vector<double>& limits, const std::string& nonfinite, double coef, py::object norm, double max_norm,
              double clamp_limit, bool out_f64, const std::vector<std::string>& outputs) {
   const int64_t n = int64_t(tensors.size());
   std::vector<DeviceTensor> ts(n);
@@ -106,7 +106,9 @@ py::dict run(const std::vector<py::tuple>& tensors, const std::string& job, doub
   else if (j.stages == kApply) given = {max_norm};
   r.limits = given.empty() ? nullptr : given.data();
   r.n_groups = limits.empty() ? 1 : int32_t(limits.size());
-  r.nonfinite = hold_nonfinite ? gradclip::Nonfinite::kHold : gradclip::Nonfinite::kPropagate;
+  if (nonfinite != "propagate" && nonfinite != "hold")
+    throw py::value_error("nonfinite: 'propagate' or 'hold', got '" + nonfinite + "'");
+  r.nonfinite = nonfinite == "hold" ? gradclip::Nonfinite::kHold : gradclip::Nonfinite::kPropagate;
   r.total_as_float32 = !out_f64;
   r.coef = coef;
   if (!norm.is_none()) {
@@ -231,7 +233,7 @@ std::string probe(const std::string& defect) {
 PYBIND11_MODULE(_cuda_sim, m) {
   m.doc() = "gradclip's CUDA kernels run on the host, for the tests (no GPU needed).";
   m.def("run", &run, py::arg("tensors"), py::arg("job"), py::arg("p") = 2.0, py::arg("eps") = 1e-6,
-        py::arg("limits") = std::vector<double>{}, py::arg("hold_nonfinite") = false, py::arg("coef") = 1.0,
+        py::arg("limits") = std::vector<double>{}, py::arg("nonfinite") = "propagate", py::arg("coef") = 1.0,
         py::arg("norm") = py::none(), py::arg("max_norm") = 0.0, py::arg("clamp_limit") = 0.0,
         py::arg("out_f64") = false,
         py::arg("outputs") = std::vector<std::string>{"total", "per_group", "per_tensor", "flags"},
