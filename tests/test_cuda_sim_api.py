@@ -16,6 +16,7 @@ bracket to the result dtype.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -234,6 +235,82 @@ def test_clip_grad_value_drop_in():
     for h, t in zip(hosts, tensors):
         assert_bitwise_equal(h, t.clone().clamp_(-0.5, 0.5))
     assert kernels_launched() == ["clamp_kernel"]
+
+
+# --------------------------------------------------------------------------
+# The training front end: a report read back from the device
+# --------------------------------------------------------------------------
+
+TRAINING_OPTIONS = [dict(global_clipnorm=0.5), dict(clipnorm=0.3), dict(clipvalue=0.02), {}]
+TRAINING_IDS = ["global", "per-tensor", "value", "measure"]
+
+
+@pytest.mark.parametrize("options", TRAINING_OPTIONS, ids=TRAINING_IDS)
+def test_clip_gradients_report_matches_the_cpu(options):
+    # The CUDA backend reads back what the finalize kernel decided (norms,
+    # coefficients, the nonfinite flag, the clamp's flags); the record must say
+    # what the CPU's says, and the gradients must be clipped alike.
+    tensors = [make_torch(n, torch.float32, seed=300 + i, scale=0.05) for i, n in enumerate(SIZES)]
+    arrays, hosts = on_sim(tensors)
+    cpu = [t.clone() for t in tensors]
+    got = gradclip.clip_gradients_([SimpleNamespace(grad=a) for a in arrays], **options)
+    want = gradclip.clip_gradients_([SimpleNamespace(grad=c) for c in cpu], **options)
+    assert (got.clipped, got.skipped, got.nonfinite_tensors) == (want.clipped, want.skipped, want.nonfinite_tensors)
+    assert got.total_norm == pytest.approx(want.total_norm, rel=norm_rtol(2.0))
+    if math.isnan(want.clip_coef):
+        assert math.isnan(got.clip_coef)
+    else:
+        assert got.clip_coef == pytest.approx(want.clip_coef, rel=2 * norm_rtol(2.0))
+    for (name, g), (_, w) in zip(got.tensor_norms().items(), want.tensor_norms().items()):
+        assert g == pytest.approx(w, rel=norm_rtol(2.0)), name
+    for h, c in zip(hosts, cpu):
+        torch.testing.assert_close(h, c, rtol=2e-7, atol=0.0)
+    # One launch sequence (the rescale returns at once for coefficients of 1), then one read-back.
+    apply = "clamp_kernel" if "clipvalue" in options else "scale_kernel"
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel", apply]
+
+
+@pytest.mark.parametrize("options", TRAINING_OPTIONS[:3], ids=TRAINING_IDS[:3])
+@pytest.mark.parametrize("policy", ["skip", "error", "propagate"])
+def test_clip_gradients_nonfinite_policies_on_the_device(options, policy):
+    tensors = [make_torch(n, torch.float32, seed=320 + i) for i, n in enumerate([40, CHUNK + 5, 9])]
+    tensors[1][17] = float("nan")
+    arrays, hosts = on_sim(tensors)
+    params = [SimpleNamespace(grad=a) for a in arrays]
+    if policy == "error":
+        with pytest.raises(gradclip.NonfiniteGradientError, match=r"parameters\[1\]") as info:
+            gradclip.clip_gradients_(params, nonfinite=policy, **options)
+        assert info.value.names == ["parameters[1]"]
+    else:
+        record = gradclip.clip_gradients_(params, nonfinite=policy, **options)
+        assert record.skipped == (policy == "skip") and record.nonfinite_tensors == 1
+        assert record.nonfinite_names() == ["parameters[1]"]
+    if policy in ("skip", "error"):  # held on the device: the kernels wrote nothing
+        for h, t in zip(hosts, tensors):
+            assert_bitwise_equal(h, t)
+    elif "global_clipnorm" in options:  # torch's NaN total spreads to every gradient
+        assert all(bool(torch.isnan(h).all()) for h in hosts)
+    elif "clipnorm" in options:  # a per-tensor NaN norm spreads within its tensor only
+        assert [bool(torch.isnan(h).all()) for h in hosts] == [False, True, False]
+
+
+def test_adaptive_clipper_on_the_device():
+    # AutoClip goes through the engine's seam: a reduction (its partials and
+    # total in device memory, read back once for the clipper), then the finish.
+    tensors = [make_torch(n, torch.float32, seed=340 + i) for i, n in enumerate(SIZES)]
+    arrays, hosts = on_sim(tensors)
+    cpu = [t.clone() for t in tensors]
+    clipper, cpu_clipper = gradclip.AutoClip(percentile=50), gradclip.AutoClip(percentile=50)
+    cpu_clipper.update(0.5 * ref_norm(tensors, 2.0))  # a history that makes this step clip
+    clipper.update(0.5 * ref_norm(tensors, 2.0))
+    got = gradclip.clip_gradients_([SimpleNamespace(grad=a) for a in arrays], global_clipnorm=clipper)
+    want = gradclip.clip_gradients_([SimpleNamespace(grad=c) for c in cpu], global_clipnorm=cpu_clipper)
+    assert got.clipped and want.clipped
+    assert got.threshold == pytest.approx(want.threshold, rel=norm_rtol(2.0))
+    assert got.clip_coef == pytest.approx(want.clip_coef, rel=2 * norm_rtol(2.0))
+    for h, c in zip(hosts, cpu):
+        torch.testing.assert_close(h, c, rtol=2e-7, atol=0.0)
+    assert kernels_launched() == ["norm_kernel", "finalize_kernel", "finalize_kernel", "scale_kernel"]
 
 
 def test_the_backend_override_is_restored_and_checked():

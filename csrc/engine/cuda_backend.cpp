@@ -33,9 +33,10 @@ void CudaBackend::reduce(const Request&) { reduce_pending_ = true; }
 CudaBackend::Layout CudaBackend::plan_outputs(const Request& req, bool report, bool seam) const {
   Layout l;
   const int64_t n = int64_t(spans_.size()), groups = req.n_groups();
-  // A report is read on the host in float64; device results have the
-  // inputs' result dtype (float64 when an input is, else float32).
-  l.f64 = report || !req.total_as_float32;
+  // A report, and a reduction's total (read by the host for an adaptive
+  // limit), are read in float64; device results have the inputs' result dtype
+  // (float64 when an input is, else float32).
+  l.f64 = report || seam || !req.total_as_float32;
   const int64_t es = l.f64 ? 8 : 4;
   const bool norms = req.reduces();
   int64_t at = 0;
@@ -146,14 +147,7 @@ Backend::Summary CudaBackend::summary(const Request& req) {
   uint8_t nonfinite = 0;
   const char* error = nullptr;
   resources_.unlocked([&] {
-    const bool f64 = !req.total_as_float32;
-    if (f64) {
-      error = api_.copy_to_host(&total, seam_out_ + seam_total_, 8, device_, stream_);
-    } else {
-      float t = 0.0f;
-      error = api_.copy_to_host(&t, seam_out_ + seam_total_, 4, device_, stream_);
-      total = t;
-    }
+    error = api_.copy_to_host(&total, seam_out_ + seam_total_, 8, device_, stream_);  // float64 (plan_outputs)
     if (!error) error = api_.copy_to_host(&nonfinite, seam_out_ + seam_nonfinite_, 1, device_, stream_);
   });
   if (error) throw std::runtime_error(std::string("gradclip CUDA: ") + error);
