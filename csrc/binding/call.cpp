@@ -1,6 +1,7 @@
 #include "binding/call.h"
 
 #include <pybind11/numpy.h>
+#include <pybind11/stl.h>
 
 namespace gradclip::binding {
 namespace {

@@ -31,6 +31,7 @@ class LabelledFailure final : public ItemFailure {
 };
 
 std::string device_text(int32_t device) {
+  if (device == Intake::kNoMemory) return "no memory of its own";
   return device == Intake::kHost ? "the CPU" : "cuda:" + std::to_string(device);
 }
 
@@ -68,9 +69,12 @@ Intake::Intake(PyObject* sequence, const IntakeOptions& options) {
     } else {
       for (Py_ssize_t i = 0; i < n; ++i) take(items[i], static_cast<int32_t>(i), options);
     }
+    if (device == kNoMemory && device_of_entry_.empty()) device_of_entry_.assign(entry_spans_.size(), 0);
     if (!device_of_entry_.empty()) {
-      // Several devices: report which items lie where, and nothing else (their
-      // addresses are not comparable, and the caller calls again per device).
+      // Several devices, or tensors without memory: report which items lie
+      // where, and nothing else (their addresses are not comparable, and the
+      // caller calls again per device, or on the local shards).
+      devices = devices_;
       items_by_device.resize(devices_.size());
       for (size_t e = 0; e < device_of_entry_.size(); ++e)
         items_by_device[device_of_entry_[e]].push_back(list_index_of_entry[e]);
@@ -129,9 +133,21 @@ void Intake::validate(const RawTensor& raw, PyObject* obj, int32_t list_index, c
   const LabelledFailure fail(options, list_index);
   if (options.access == Access::kWrite && raw.read_only) fail.value("is read-only; it cannot be modified in place");
   const int32_t dev = raw.device.device_type;
-  if (dev == dlpack::kCPU || dev == dlpack::kCUDAHost) check_device(kHost, obj, list_index, options);
-  else if (dev == dlpack::kCUDA || dev == dlpack::kCUDAManaged) check_device(raw.device.device_id, obj, list_index, options);
-  else fail.value("is on an unsupported device (DLPack device type " + std::to_string(dev) + "); gradclip takes CPU and CUDA memory");
+  int32_t where = kHost;
+  if (dev == dlpack::kCUDA || dev == dlpack::kCUDAManaged) where = raw.device.device_id;
+  else if (dev != dlpack::kCPU && dev != dlpack::kCUDAHost)
+    fail.value("is on an unsupported device (DLPack device type " + std::to_string(dev) + "); gradclip takes CPU and CUDA memory");
+  const Layout layout = analyse_layout(raw.ndim, raw.shape, raw.strides);
+  // A wrapper subclass without storage of its own (DTensor, FakeTensor,
+  // functional tensors) exports a NULL pointer with its full shape: there is
+  // no memory to read.
+  if (layout.numel > 0 && raw.data == nullptr) {
+    if (!options.split_devices)
+      fail.type(type_name(obj) + " has no memory of its own (its data pointer is NULL: a tensor subclass such as "
+                "DTensor or FakeTensor, or a meta tensor); pass plain tensors, e.g. a DTensor's .to_local()");
+    where = kNoMemory;  // reported, never read: the caller decides (a DTensor's local shard)
+  }
+  check_device(where, obj, list_index, options);
   DType dtype;
   const dlpack::DataType dt = raw.dtype;
   if (dt.lanes != 1) fail.type(dtype_text(dt) + " (vector lanes) cannot be clipped; " + kAccepted);
@@ -141,20 +157,16 @@ void Intake::validate(const RawTensor& raw, PyObject* obj, int32_t list_index, c
   else if (dt.code == dlpack::kBfloat && dt.bits == 16) dtype = DType::kBF16;
   else fail.type(dtype_text(dt) + " data cannot be clipped; " + kAccepted);
 
-  const Layout layout = analyse_layout(raw.ndim, raw.shape, raw.strides);
   if (!layout.dense)
     fail.value("is strided with gaps or overlaps (not one dense block of memory); pass a contiguous copy "
                "(e.g. .contiguous() / np.ascontiguousarray) and clip that");
-  // A wrapper subclass without storage of its own (DTensor, FakeTensor,
-  // functional tensors) exports a NULL pointer with its full shape: there is
-  // no memory to read.
-  if (layout.numel > 0 && raw.data == nullptr)
-    fail.type(type_name(obj) + " has no memory of its own (its data pointer is NULL: a tensor subclass such as "
-              "DTensor or FakeTensor, or a meta tensor); pass plain tensors, e.g. a DTensor's .to_local()");
   const int64_t itemsize = element_size(dtype);
-  char* base = static_cast<char*>(raw.data) + raw.byte_offset + layout.lowest_offset * itemsize;
-  if (layout.numel > 0 && reinterpret_cast<uintptr_t>(base) % itemsize != 0)
-    fail.value("data is not aligned to its " + std::to_string(itemsize) + "-byte element size");
+  char* base = nullptr;
+  if (layout.numel > 0 && where != kNoMemory) {
+    base = static_cast<char*>(raw.data) + raw.byte_offset + layout.lowest_offset * itemsize;
+    if (reinterpret_cast<uintptr_t>(base) % itemsize != 0)
+      fail.value("data is not aligned to its " + std::to_string(itemsize) + "-byte element size");
+  }
 
   if (options.rows) {
     // Row r must be the block [r * numel / rows, (r + 1) * numel / rows) of the
@@ -171,7 +183,7 @@ void Intake::validate(const RawTensor& raw, PyObject* obj, int32_t list_index, c
   dtype_mask_ |= 1u << int(dtype);
   span_of_entry.push_back(-1);  // assigned by deduplicate()
   list_index_of_entry.push_back(list_index);
-  entry_spans_.push_back({layout.numel > 0 ? base : nullptr, layout.numel, dtype});
+  entry_spans_.push_back({base, layout.numel, dtype});
   if (sink_ && device == kHost && device_of_entry_.empty()) sink_->added(entry_spans_.size());
 }
 

@@ -27,9 +27,11 @@ struct IntakeOptions {
   // When set, only these items of the sequence are taken (in this order); the
   // others are neither read nor checked. Messages keep the items' own indices.
   const std::vector<int32_t>* only_items = nullptr;
-  // Tensors on several devices: false refuses them (one call, one device);
-  // true reads and checks them all and reports the devices (Intake::mixed()),
-  // for a caller that then handles each device on its own (torch's drop-ins).
+  // Tensors on several devices, or without memory of their own (a wrapper
+  // subclass such as DTensor exports a NULL data pointer): false refuses them
+  // (one call, one device, plain memory); true reads and checks them all and
+  // reports where each lies (Intake::mixed()), for a caller that handles each
+  // device on its own, or each DTensor through its local shard (torch's drop-ins).
   bool split_devices = false;
   // When set, the sink sees every accepted host-memory entry as soon as it is
   // validated (the CPU backend reduces it while the rest of the list is read).
@@ -59,17 +61,21 @@ class Intake {
   bool has_repeats() const { return !first_entry_.empty(); }
   bool has_f64() const { return (dtype_mask_ & (1u << int(DType::kF64))) != 0; }
 
-  // Where the tensors are: host memory (kHost) or one CUDA device (its number).
+  // Where the tensors are: host memory (kHost) or one CUDA device (its number);
+  // kNoMemory (split_devices only) for tensors that have none of their own.
   static constexpr int32_t kHost = -1;
+  static constexpr int32_t kNoMemory = -2;
   int32_t device = kHost;  // the first entry's device
   bool on_cuda() const { return device != kHost; }
   // The first tensor on that device (borrowed; kept alive by the intake): the
   // allocator makes device memory and finds the stream from it.
   PyObject* device_example = nullptr;
   // With IntakeOptions::split_devices: whether the entries lie on more than
-  // one device, and then the list indices of the entries on each, in order of
-  // first appearance. Nothing else is filled in then (no spans).
+  // one device or have no memory of their own, and then the devices (in order
+  // of first appearance) and the list indices of the entries on each. Nothing
+  // else is filled in then (no spans).
   bool mixed() const { return !items_by_device.empty(); }
+  std::vector<int32_t> devices;
   std::vector<std::vector<int32_t>> items_by_device;
 
  private:

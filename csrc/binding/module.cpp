@@ -276,6 +276,9 @@ PYBIND11_MODULE(_core, m) {
             "package API instead; gradclip/_core.pyi describes this module.";
 
   binding::register_results(m);
+  // Result.devices values besides CUDA device numbers.
+  m.attr("HOST") = Intake::kHost;
+  m.attr("NO_MEMORY") = Intake::kNoMemory;
 
   static PyMethodDef clip_def = {"clip", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&clip_entry)),
                                  METH_FASTCALL | METH_KEYWORDS,

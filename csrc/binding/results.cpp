@@ -15,6 +15,7 @@ Result describe(const Intake& in) {
   r.first_index = in.list_index_of_entry.empty() ? -1 : in.list_index_of_entry.front();
   r.result_f64 = in.has_f64();
   if (in.mixed()) {
+    r.devices = array_of(in.devices);
     py::list per_device;
     for (const std::vector<int32_t>& items : in.items_by_device) per_device.append(array_of(items));
     r.items_by_device = per_device;

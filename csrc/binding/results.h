@@ -35,8 +35,10 @@ namespace py = pybind11;
   X(count, int64_t, 0, "accepted entries (parameters without .grad are skipped)")                              \
   X(first_index, int64_t, -1, "list index of the first accepted entry, or -1")                                 \
   X(result_f64, bool, false, "the results' dtype is float64 (some input is), else float32")                    \
+  X(devices, py::object, py::none(),                                                                           \
+    "split_devices, and several devices or tensors without memory: the devices (-1 host, n cuda:n, -2 none)")   \
   X(items_by_device, py::object, py::none(),                                                                   \
-    "split_devices and several devices: per device, the list indices on it (nothing computed)")                \
+    "with devices: per device, the list indices on it (nothing computed)")                                      \
   X(total, py::object, py::none(), "the total norm (float)")                                                   \
   X(norms, py::object, py::none(), "per entry, its norm (float64 array)")                                      \
   X(indices, py::object, py::none(), "per entry, its list index (int32 array)")                                \

@@ -16,7 +16,7 @@ import types
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
-from . import _core, _seam
+from . import _core, _seam, distributed
 from ._inputs import (
     as_list,
     is_array_like,
@@ -61,6 +61,9 @@ def clip_grad_norm_(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
+    *,
+    process_group: Any = None,
+    replicated: Optional[Iterable[Any]] = None,
 ) -> "torch.Tensor":
     """Clip the gradient norm of an iterable of parameters, in place.
 
@@ -76,10 +79,18 @@ def clip_grad_norm_(
         error_if_nonfinite: raise ``RuntimeError`` (before touching any gradient)
             when the total norm is NaN or inf.
         foreach: accepted for compatibility and ignored (always fused).
+        process_group: the gradients are disjoint shards of one model's over
+            this group (a ProcessGroup, a DeviceMesh, or a sequence of them,
+            e.g. the shard group and the pipeline stages): the norm is the
+            global one, and every rank takes the same decision. DTensor
+            gradients need none: their mesh says how to combine.
+        replicated: the parameters (or gradients) every rank of the first
+            group holds whole, counted once.
 
     Returns:
         The total norm before clipping, a 0-d tensor on the first gradient's
-        device: float64 if any gradient is float64, else float32.
+        device: float64 if any gradient is float64, else float32; for DTensor
+        gradients a replicated DTensor, as torch returns.
     """
     del foreach
     is_generator = isinstance(parameters, types.GeneratorType)
@@ -89,13 +100,22 @@ def clip_grad_norm_(
     p = norm_order(norm_type, "norm_type")
     limit = nonnegative(max_norm, "max_norm")
     nonfinite = _NONFINITE[bool(error_if_nonfinite)]
-    result = _core.clip(params, kind="global", limits=[limit], order=p, eps=_EPS, nonfinite=nonfinite,
-                        argname="parameters", grad_attr=True, split_devices=True)
-    if result.items_by_device is not None:
-        return _clip_across_devices(params, result, limit, p, nonfinite)
-    if error_if_nonfinite and not total_is_finite(result):
+    if process_group is None and replicated is None:
+        result = _core.clip(params, kind="global", limits=[limit], order=p, eps=_EPS, nonfinite=nonfinite,
+                            argname="parameters", grad_attr=True, split_devices=True)
+        if result.items_by_device is None:
+            if error_if_nonfinite and not total_is_finite(result):
+                raise nonfinite_error(p)
+            return _total_as_tensor(params, result, of_grads=True)
+        if _core.NO_MEMORY not in result.devices:
+            return _clip_across_devices(params, result, limit, p, nonfinite)
+    # DTensor gradients, or shards over process groups: one combine over the ranks.
+    result, total = distributed.combined_clip(params, kind="global", limits=[limit], order=p, eps=_EPS,
+                                              nonfinite=nonfinite, argname="parameters", grad_attr=True,
+                                              process_group=process_group, replicated=replicated)
+    if error_if_nonfinite and result.count and not total_is_finite(result):
         raise nonfinite_error(p)
-    return _total_as_tensor(params, result, of_grads=True)
+    return total
 
 
 # What a nonfinite total does, by error_if_nonfinite: hold (write nothing, then
@@ -150,16 +170,30 @@ def get_total_norm(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
+    *,
+    process_group: Any = None,
+    replicated: Optional[Iterable[Any]] = None,
 ) -> "torch.Tensor":
     """The norm of the given tensors (not their ``.grad``) viewed as one vector.
 
     Same arguments and result as ``torch.nn.utils.get_total_norm``; an empty
-    list gives ``torch.tensor(0.0)``.
+    list gives ``torch.tensor(0.0)``. ``process_group`` and ``replicated`` as
+    for :func:`clip_grad_norm_` (DTensors combine over their mesh).
     """
     del foreach
     items = as_list(tensors)
     p = norm_order(norm_type, "norm_type")
-    result = _core.clip(items, kind="none", order=p, argname="tensors", split_devices=True)
+    if process_group is None and replicated is None:
+        result = _core.clip(items, kind="none", order=p, argname="tensors", split_devices=True)
+    else:
+        result = None
+    if result is None or (result.items_by_device is not None and _core.NO_MEMORY in result.devices):
+        result, total = distributed.combined_clip(items, kind="none", limits=(), order=p, eps=0.0,
+                                                  nonfinite="propagate", argname="tensors", grad_attr=False,
+                                                  process_group=process_group, replicated=replicated)
+        if error_if_nonfinite and result.count and not total_is_finite(result):
+            raise nonfinite_error(p)
+        return total
     if result.items_by_device is not None:
         first_device = _combine_across_devices(items, result.items_by_device, p, of_grads=False)[0]
         result = first_device(kind="none")
@@ -182,14 +216,19 @@ def clip_grads_with_norm_(
     limit = nonnegative(max_norm, "max_norm")
     if not is_array_like(total_norm):
         total_norm = float(total_norm)
+    elif distributed.is_dtensor(total_norm):
+        total_norm = total_norm.full_tensor()  # replicated: the local value is the norm
     result = _core.clip(params, kind="global", limits=[limit], eps=_EPS, given_norm=total_norm,
                         argname="parameters", grad_attr=True, split_devices=True)
+    if result.items_by_device is None:
+        return
+    grads = distributed.local_tensors(params, grad_attr=True)  # a DTensor's local shard, else the gradient
     # torch copies a tensor norm to each device and scales each device's gradients there.
-    for items in result.items_by_device or ():
-        device = params[items[0]].grad.device
+    for items in result.items_by_device:
+        device = grads[items[0]].device
         norm = total_norm.to(device) if is_array_like(total_norm) else total_norm
-        _core.clip(params, kind="global", limits=[limit], eps=_EPS, given_norm=norm, argname="parameters",
-                   grad_attr=True, items=items)
+        _core.clip(grads, kind="global", limits=[limit], eps=_EPS, given_norm=norm, argname="parameters",
+                   items=items)
 
 
 def clip_grad_value_(
@@ -206,5 +245,9 @@ def clip_grad_value_(
     params = as_list(parameters)
     v = nonnegative(clip_value, "clip_value")
     result = _core.clip(params, kind="value", limits=[v], argname="parameters", grad_attr=True, split_devices=True)
-    for items in result.items_by_device or ():  # torch clamps each device's gradients on that device
-        _core.clip(params, kind="value", limits=[v], argname="parameters", grad_attr=True, items=items)
+    if result.items_by_device is None:
+        return
+    # torch clamps each device's gradients on that device, and a DTensor's on its local shards.
+    grads = distributed.local_tensors(params, grad_attr=True, elementwise=True)
+    for items in result.items_by_device:
+        _core.clip(grads, kind="value", limits=[v], argname="parameters", items=items)

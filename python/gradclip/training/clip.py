@@ -24,6 +24,8 @@ def clip_gradients_(
     eps: float = TORCH_EPS,
     agc_eps: float = 1e-3,
     named_parameters: Optional[Iterable[Tuple[str, Any]]] = None,
+    process_group: Any = None,
+    replicated: Optional[Iterable[Any]] = None,
 ) -> StepRecord:
     """Clip the ``.grad`` of ``parameters`` in one fused call and report what happened.
 
@@ -44,9 +46,16 @@ def clip_gradients_(
 
     ``named_parameters`` (e.g. ``model.named_parameters()``) names the
     parameters in the record; otherwise they are named by list index.
+
+    Sharded training: DTensor gradients (FSDP2, tensor parallel) are combined
+    over their mesh; plain gradients that are shards of one model take
+    ``process_group`` (and ``replicated``), as :func:`gradclip.clip_grad_norm_`.
+    The record's total is then the global norm, its per-tensor norms those of
+    the local shards, and every rank takes the same decision.
     """
     params = as_list(parameters)
-    options = clip_options(global_clipnorm, clipnorm, clipvalue, agc, norm_type, nonfinite, eps, agc_eps)
+    options = clip_options(global_clipnorm, clipnorm, clipvalue, agc, norm_type, nonfinite, eps, agc_eps,
+                           process_group, replicated)
     names = ListNames(params, names_by_id(named_parameters))
     return Engine(options).run(params, None, [options.default_limit], names)
 

@@ -9,7 +9,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from .. import _core, _seam
+from .. import _core, _seam, distributed
 from .options import KIND_OF_OPTION, ClipOptions
 from .records import NonfiniteGradientError, StepRecord
 
@@ -33,8 +33,23 @@ class Engine:
         if o.adaptive:
             return self._run_adaptive(params, names, step)
         kind = KIND_OF_OPTION[o.option]
-        r = _core.clip(params, kind=kind, limits=limits, group_of_item=pool_of_item, order=o.p, eps=o.eps,
-                       nonfinite=o.nonfinite, argname="parameters", grad_attr=True, report=True)
+        r = None
+        if not o.distributed:
+            r = _core.clip(params, kind=kind, limits=limits, group_of_item=pool_of_item, order=o.p, eps=o.eps,
+                           nonfinite=o.nonfinite, argname="parameters", grad_attr=True, report=True,
+                           split_devices=True)
+            if r.items_by_device is not None:
+                if _core.NO_MEMORY not in r.devices:  # several devices: one call takes one
+                    _core.clip(params, kind=kind, limits=limits, order=o.p, argname="parameters", grad_attr=True)
+                r = None  # DTensors: combined over their mesh
+        if r is None:
+            if o.option == "clipnorm":
+                raise ValueError("clipnorm over DTensor gradients is not available yet (each tensor's norm would "
+                                 "need its own combine); use global_clipnorm or clipvalue")
+            r, _ = distributed.combined_clip(params, kind=kind, limits=limits, group_of_item=pool_of_item,
+                                             order=o.p, eps=o.eps, nonfinite=o.nonfinite, argname="parameters",
+                                             grad_attr=True, process_group=o.process_group,
+                                             replicated=o.replicated, report=True)
         held = self._held(r, names)
         # One factor per pool for a global limit, one per tensor otherwise.
         coefs = r.group_coefs if kind == "global" else r.coefs

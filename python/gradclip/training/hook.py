@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import types
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
@@ -112,6 +113,8 @@ class ClipHandle:
             self._names = [self._named.get(id(p)) or fallback[i] for i, p in enumerate(params)]
             self._group_of_item = np.asarray(group_of_item, dtype=np.int32)
             self._layout_key = key
+            if not self._engine.options.distributed:
+                _refuse_flat_shards(params)
         options = self._engine.options
         option = options.option
         # Pool 0: every group without a limit of its own, clipped together
@@ -165,6 +168,21 @@ class ClipHandle:
             raise _SkipStep()
 
 
+def _refuse_flat_shards(params) -> None:
+    """FSDP1 (FullyShardedDataParallel) hands the optimizer flat shards: clipping
+    them by the local norm would scale each rank differently."""
+    flat = sys.modules.get("torch.distributed.fsdp._flat_param")
+    FlatParameter = getattr(flat, "FlatParameter", None)
+    if FlatParameter is None:
+        return
+    for i, p in enumerate(params):
+        if isinstance(p, FlatParameter):
+            raise ValueError(
+                f"param_groups: parameter {i} is an FSDP (FullyShardedDataParallel) flat shard; its gradient is this "
+                "rank's part only. Pass process_group=<the FSDP module's process_group> to combine the norm over "
+                "the shards, or use FSDP's own model.clip_grad_norm_")
+
+
 def attach(
     optimizer: Any,
     *,
@@ -178,6 +196,8 @@ def attach(
     agc_eps: float = 1e-3,
     named_parameters: Optional[Iterable[Tuple[str, Any]]] = None,
     on_step: Optional[Callable[[StepRecord], Any]] = None,
+    process_group: Any = None,
+    replicated: Optional[Iterable[Any]] = None,
 ) -> ClipHandle:
     """Clip the gradients of ``optimizer``'s parameters before every
     ``optimizer.step()``, in one fused call; returns a removable
@@ -198,6 +218,17 @@ def attach(
     ``nonfinite='skip'`` makes ``optimizer.step()`` return without updating
     anything (``handle.last.skipped`` tells). ``on_step(record)`` is called
     after each clip, e.g. with a :class:`CsvLogger` or :class:`TensorBoardLogger`.
+
+    Sharded training: with FSDP2 or tensor parallel (DTensor gradients) the
+    norm is combined over the mesh by itself. A ``ZeroRedundancyOptimizer``
+    holds every parameter in its ``param_groups`` with the full (all-reduced)
+    gradient on each rank: attach to it (not to its local ``.optim``) and the
+    norm is the global one. Plain tensors that are disjoint shards of one
+    model (FSDP1's flat parameters, hand-made tensor parallel, pipeline
+    stages) need ``process_group`` (and ``replicated`` for what every rank of
+    the first group holds whole); FSDP1's flat parameters without it are
+    refused rather than clipped by a local norm.
     """
-    options = clip_options(global_clipnorm, clipnorm, clipvalue, agc, norm_type, nonfinite, eps, agc_eps)
+    options = clip_options(global_clipnorm, clipnorm, clipvalue, agc, norm_type, nonfinite, eps, agc_eps,
+                           process_group, replicated)
     return ClipHandle(optimizer, Engine(options), named_parameters, on_step)

@@ -28,11 +28,18 @@ class ClipOptions:
     nonfinite: str
     eps: float
     agc_eps: float
+    process_group: Any = None  # the gradients are shards over these groups (gradclip.distributed)
+    replicated: Any = None     # parameters every rank of the first group holds whole
 
     @property
     def adaptive(self) -> bool:
         """Whether the limit is an adaptive clipper (AutoClip, ZClip)."""
         return self.option == "global_clipnorm" and hasattr(self.limit, "update")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the norms are combined over process groups."""
+        return self.process_group is not None or self.replicated is not None
 
     @property
     def default_limit(self) -> float:
@@ -45,11 +52,18 @@ class ClipOptions:
 
 def clip_options(global_clipnorm: Any = None, clipnorm: Any = None, clipvalue: Any = None, agc: Any = None,
                  norm_type: Any = 2.0, nonfinite: str = "propagate", eps: float = TORCH_EPS,
-                 agc_eps: float = 1e-3) -> ClipOptions:
+                 agc_eps: float = 1e-3, process_group: Any = None, replicated: Any = None) -> ClipOptions:
     """The options of :func:`gradclip.attach` and :func:`gradclip.clip_gradients_`, checked."""
     option, limit = _limit_option(global_clipnorm, clipnorm, clipvalue, agc)
-    return ClipOptions(option, limit, norm_order(norm_type, "norm_type"), check_policy(nonfinite),
-                       nonnegative(eps, "eps"), nonnegative(agc_eps, "agc_eps"))
+    if replicated is not None:
+        replicated = tuple(replicated)
+    options = ClipOptions(option, limit, norm_order(norm_type, "norm_type"), check_policy(nonfinite),
+                          nonnegative(eps, "eps"), nonnegative(agc_eps, "agc_eps"), process_group, replicated)
+    if options.distributed and (option == "agc" or options.adaptive or option == "clipnorm"):
+        what = "agc" if option == "agc" else "an adaptive clipper" if options.adaptive else "clipnorm"
+        raise ValueError(f"process_group: {what} over sharded gradients is not available yet (each would need "
+                         "norms combined per row or per tensor); use global_clipnorm or clipvalue")
+    return options
 
 
 def check_policy(nonfinite: str) -> str:
