@@ -232,6 +232,29 @@ def _two_dimensional_meshes(rank, world):
         _close(float(total.full_tensor()), float(expected.full_tensor()), 1e-5, f"{name} against torch")
         for a, b in zip(_local(ours), _local(theirs)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=0.0)
+    # FSDP + TP as torchtitan builds it: parallelize_module on the tp dimension
+    # (the FSDP shards of tp shards are _StridedShard placements), fully_shard on dp.
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    def build():
+        torch.manual_seed(3)
+        m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 6))
+        parallelize_module(m, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        fully_shard(m, mesh=mesh["dp"])
+        return m
+
+    ours, theirs = build(), build()
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(mesh.get_coordinate()[0]))
+    for m in (ours, theirs):
+        m(x).square().sum().backward()
+    with _CountAllGathers() as n:
+        total = gradclip.clip_grad_norm_(ours.parameters(), 0.5)
+    assert n.count == 1
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
+    _close(float(total.full_tensor()), float(expected.full_tensor()), 1e-6, "FSDP + TP (parallelize_module)")
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad.to_local(), b.grad.to_local(), rtol=1e-5, atol=1e-7)
 
 
 def _mlp(seed):
@@ -412,3 +435,19 @@ def test_refusals_in_one_process():
         gradclip.clip_grad_norm_([w], 1.0, replicated=[w])
     with pytest.raises(ValueError, match="agc over sharded gradients"):
         gradclip.clip_gradients_([w], agc=0.01, process_group=object())
+
+
+def test_the_readme_recipes_run():
+    # examples/distributed.py: FSDP2, tensor parallel by hand, DDP, ZeRO and
+    # pipeline stages on 4 ranks, each checked against the unsharded norm.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
+    done = subprocess.run([sys.executable, "-W", "ignore", str(example)], capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "total norm" in line]
+    assert [line.split()[0] for line in lines] == ["fsdp2", "tensor_parallel_by_hand", "ddp", "zero",
+                                                  "pipeline_stages"]
