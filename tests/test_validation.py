@@ -10,6 +10,7 @@ import math
 import re
 import sys
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -545,3 +546,55 @@ def test_native_entry_point_checks_its_keywords():
     kw = "".join(["ord", "er"])
     assert _core.clip([a], kind="none", argname="arrays", **{kw: 1.0}).total == 4.0
     assert_bitwise_equal(a, np.ones(4, np.float32))
+
+
+def _wrapper_subclass_tensor():
+    """A __torch_dispatch__ wrapper subclass without storage of its own (as
+    DTensor and FakeTensor are), holding a plain tensor inside."""
+
+    class Wrapper(torch.Tensor):
+        @staticmethod
+        def __new__(cls, inner):
+            return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            unwrap = lambda t: t.inner if isinstance(t, Wrapper) else t  # noqa: E731
+            return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+    return Wrapper(torch.ones(6))
+
+
+def _fake_tensor():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.ones(6)
+
+
+@pytest.mark.parametrize("make", [_wrapper_subclass_tensor, _fake_tensor], ids=["wrapper-subclass", "FakeTensor"])
+def test_tensors_without_memory_are_refused_never_read(make):
+    # Their DLPack export has a NULL data pointer and the full shape: reading it
+    # would crash. Every entry point refuses them by name, before writing anything.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FakeTensor warns that its data pointer is read
+        ghost = make()
+    plain = torch.full((4,), 3.0)
+    name = type(ghost).__name__
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TypeError, match=rf"arrays\[1\]: {name} has no memory of its own"):
+            gradclip.global_norm([plain, ghost])
+        with pytest.raises(TypeError, match=rf"arrays\[1\]: {name} has no memory of its own"):
+            gradclip.clip_by_global_norm_([plain, ghost], 1.0)
+        params = [SimpleNamespace(grad=plain), SimpleNamespace(grad=ghost)]
+        for call in (lambda: gradclip.clip_grad_norm_(params, 1.0), lambda: gradclip.get_total_norm([plain, ghost]),
+                     lambda: gradclip.clip_gradients_(params, global_clipnorm=1.0)):
+            with pytest.raises(TypeError, match=rf"\[1\](\.grad)?: {name} has no memory of its own"):
+                call()
+    assert_bitwise_equal(plain, torch.full((4,), 3.0))

@@ -198,6 +198,10 @@ def combined_clip(
         raise ValueError("process_group: the gradients are DTensors, whose mesh already says how to combine them; "
                          "leave process_group out")
     if mesh is None and not groups:
+        # Not DTensors, so the routing's tensors without memory are refused here,
+        # with the intake's own message; plain ones need a group.
+        plain = [i for part in parts.values() for i in part.items]
+        _core.clip(items, kind="none", argname=argname, grad_attr=grad_attr, items=plain)
         raise ValueError("process_group: plain tensors need the group(s) they are sharded over")
     if kind == "per_tensor":
         raise ValueError("kind 'per_tensor' (clipnorm) over sharded tensors is not available yet: each tensor's norm "
