@@ -504,3 +504,21 @@ def test_same_memory_in_two_groups_is_refused_before_any_write():
     with pytest.raises(ValueError, match=r"group_of_item\[1\]: group 2 has no limit"):
         _core.clip([a, b], kind="global", limits=[0.1, 1.0], group_of_item=[0, 2], order=2.0, eps=1e-6,
                    nonfinite="propagate", argname="grads", grad_attr=False)
+
+
+def test_attach_and_clip_gradients_share_one_declaration_of_the_options():
+    import inspect
+
+    from gradclip.training.options import clip_options
+
+    options = list(inspect.signature(clip_options).parameters)
+    for fn, own in ((gradclip.attach, ["optimizer", "named_parameters", "on_step"]),
+                    (gradclip.clip_gradients_, ["parameters", "named_parameters"])):
+        params = inspect.signature(fn).parameters
+        assert list(params) == own[:1] + options + own[1:], fn.__name__
+        assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in options)
+    model = small_model()
+    with pytest.raises(TypeError, match="global_clipnorn"):
+        gradclip.clip_gradients_(model.parameters(), global_clipnorn=1.0)
+    with pytest.raises(TypeError, match="positional"):
+        gradclip.clip_gradients_(model.parameters(), 1.0)

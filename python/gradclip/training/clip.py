@@ -6,28 +6,25 @@ from typing import Any, Iterable, Optional, Tuple
 
 from .._inputs import as_list
 from .engine import Engine
-from .options import TORCH_EPS, clip_options
+from .options import ClipOptions, with_clip_options
 from .records import ListNames, StepRecord, names_by_id
 
 __all__ = ["adaptive_clip_grad_", "clip_gradients_"]
 
 
+@with_clip_options
 def clip_gradients_(
     parameters: Any,
     *,
-    global_clipnorm: Any = None,
-    clipnorm: Optional[float] = None,
-    clipvalue: Optional[float] = None,
-    agc: Optional[float] = None,
-    norm_type: Any = 2.0,
-    nonfinite: str = "propagate",
-    eps: float = TORCH_EPS,
-    agc_eps: float = 1e-3,
     named_parameters: Optional[Iterable[Tuple[str, Any]]] = None,
-    process_group: Any = None,
-    replicated: Optional[Iterable[Any]] = None,
+    options: ClipOptions,
 ) -> StepRecord:
     """Clip the ``.grad`` of ``parameters`` in one fused call and report what happened.
+
+    Options (keywords, shared with :func:`gradclip.attach`): ``global_clipnorm``,
+    ``clipnorm``, ``clipvalue``, ``agc``, ``norm_type=2.0``,
+    ``nonfinite='propagate'``, ``eps=1e-6``, ``agc_eps=1e-3``,
+    ``process_group=None``, ``replicated=None``.
 
     The limit options mirror Keras, and at most one may be given:
     ``global_clipnorm`` (all gradients together, torch's ``clip_grad_norm_``
@@ -54,8 +51,6 @@ def clip_gradients_(
     the local shards, and every rank takes the same decision.
     """
     params = as_list(parameters)
-    options = clip_options(global_clipnorm, clipnorm, clipvalue, agc, norm_type, nonfinite, eps, agc_eps,
-                           process_group, replicated)
     names = ListNames(params, names_by_id(named_parameters))
     return Engine(options).run(params, None, [options.default_limit], names)
 

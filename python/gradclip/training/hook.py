@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 import numpy as np
 
 from .engine import Engine
-from .options import TORCH_EPS, check_limit, clip_options
+from .options import ClipOptions, check_limit, with_clip_options
 from .records import StepRecord, names_by_id
 
 __all__ = ["ClipHandle", "attach"]
@@ -183,21 +183,13 @@ def _refuse_flat_shards(params) -> None:
                 "the shards, or use FSDP's own model.clip_grad_norm_")
 
 
+@with_clip_options
 def attach(
     optimizer: Any,
     *,
-    global_clipnorm: Any = None,
-    clipnorm: Optional[float] = None,
-    clipvalue: Optional[float] = None,
-    agc: Optional[float] = None,
-    norm_type: Any = 2.0,
-    nonfinite: str = "propagate",
-    eps: float = TORCH_EPS,
-    agc_eps: float = 1e-3,
     named_parameters: Optional[Iterable[Tuple[str, Any]]] = None,
     on_step: Optional[Callable[[StepRecord], Any]] = None,
-    process_group: Any = None,
-    replicated: Optional[Iterable[Any]] = None,
+    options: ClipOptions,
 ) -> ClipHandle:
     """Clip the gradients of ``optimizer``'s parameters before every
     ``optimizer.step()``, in one fused call; returns a removable
@@ -229,6 +221,4 @@ def attach(
     the first group holds whole); FSDP1's flat parameters without it are
     refused rather than clipped by a local norm.
     """
-    options = clip_options(global_clipnorm, clipnorm, clipvalue, agc, norm_type, nonfinite, eps, agc_eps,
-                           process_group, replicated)
     return ClipHandle(optimizer, Engine(options), named_parameters, on_step)

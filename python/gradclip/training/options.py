@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from .._inputs import nonnegative, norm_order
 
@@ -50,9 +52,10 @@ class ClipOptions:
         return float(self.limit)
 
 
-def clip_options(global_clipnorm: Any = None, clipnorm: Any = None, clipvalue: Any = None, agc: Any = None,
-                 norm_type: Any = 2.0, nonfinite: str = "propagate", eps: float = TORCH_EPS,
-                 agc_eps: float = 1e-3, process_group: Any = None, replicated: Any = None) -> ClipOptions:
+def clip_options(global_clipnorm: Any = None, clipnorm: Optional[float] = None, clipvalue: Optional[float] = None,
+                 agc: Optional[float] = None, norm_type: Any = 2.0, nonfinite: str = "propagate",
+                 eps: float = TORCH_EPS, agc_eps: float = 1e-3, process_group: Any = None,
+                 replicated: Optional[Iterable[Any]] = None) -> ClipOptions:
     """The options of :func:`gradclip.attach` and :func:`gradclip.clip_gradients_`, checked."""
     option, limit = _limit_option(global_clipnorm, clipnorm, clipvalue, agc)
     if replicated is not None:
@@ -100,3 +103,28 @@ def check_limit(value: Any, what: str, *, agc: bool) -> Optional[float]:
             raise ValueError(f"{what} must be > 0 and finite (the AGC clipping factor), got {value!r}")
         return v
     return nonnegative(value, what)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_clip_options(fn: F) -> F:
+    """The clip options, declared once (``clip_options``'s keywords) for every
+    front end that takes them: the decorated function declares its own
+    parameters and a keyword-only ``options``; callers pass the options as
+    keywords, which arrive parsed in ``options``. Its signature (help(),
+    inspect) lists them all."""
+    option_params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                     for p in inspect.signature(clip_options).parameters.values()]
+    names = frozenset(p.name for p in option_params)
+    own = inspect.signature(fn)
+    positional = [p for p in own.parameters.values() if p.kind != inspect.Parameter.KEYWORD_ONLY]
+    keywords = [p for p in own.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name != "options"]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        given = {k: kwargs.pop(k) for k in names & kwargs.keys()}
+        return fn(*args, options=clip_options(**given), **kwargs)
+
+    wrapper.__signature__ = own.replace(parameters=positional + option_params + keywords)  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
