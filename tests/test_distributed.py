@@ -393,6 +393,28 @@ def _zero_redundancy(rank, world):
     del zero, plain, models
 
 
+def _fsdp1(rank, world):
+    # FSDP1 hands the optimizer flat local shards (plain tensors): attach refuses
+    # to clip them by a local norm, and with process_group= matches FSDP's own
+    # model.clip_grad_norm_.
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    models = [FullyShardedDataParallel(_mlp(7), device_id=torch.device("cpu")) for _ in range(2)]
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(rank))
+    for m in models:
+        m(x).square().sum().backward()
+    opt = torch.optim.SGD(models[0].parameters(), lr=0.1)
+    handle = gradclip.attach(opt, global_clipnorm=0.5)
+    with pytest.raises(ValueError, match=r"FSDP \(FullyShardedDataParallel\) flat shard.*process_group"):
+        opt.step()
+    handle.remove()
+    ours = gradclip.clip_grad_norm_(list(models[0].parameters()), 0.5, process_group=models[0].process_group)
+    theirs = models[1].clip_grad_norm_(0.5)
+    _close(float(ours), float(theirs), 1e-6, "FSDP1 with process_group")
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0.0)
+
+
 # --------------------------------------------------------------------------
 # tests
 # --------------------------------------------------------------------------
@@ -424,6 +446,10 @@ def test_shard_groups_and_pipeline_stages():
 
 def test_zero_redundancy_optimizer():
     run_ranks(2, _zero_redundancy)
+
+
+def test_fsdp1_flat_shards_need_the_group():
+    run_ranks(2, _fsdp1)
 
 
 def test_refusals_in_one_process():
