@@ -304,13 +304,52 @@ def test_remove_restores_step_and_stops_clipping():
     handle.remove()  # twice is fine
 
 
-def test_step_with_closure_is_refused():
+@pytest.mark.parametrize("as_keyword", [False, True], ids=["positional", "keyword"])
+def test_step_with_a_closure_runs_it_then_clips_then_steps(as_keyword):
+    # Lightning's automatic optimisation always passes a closure (as a keyword):
+    # it computes the gradients, so it runs first, then the clip, then the step,
+    # and step returns its loss, as torch's optimizers do.
+    x = torch.linspace(-1, 1, 24).reshape(4, 6)
+    ours, ref = small_model(), small_model()
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    handle = gradclip.attach(opt, global_clipnorm=0.05)
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = ours(x).square().sum() * 10
+        loss.backward()
+        return loss
+
+    with torch.no_grad():  # the closure still gets gradients, as in torch's optimizers
+        loss = opt.step(closure=closure) if as_keyword else opt.step(closure)
+    ref_opt.zero_grad()
+    ref_loss = ref(x).square().sum() * 10
+    ref_loss.backward()
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    ref_opt.step()
+    assert calls == [True] and loss.item() == ref_loss.detach().item()
+    assert handle.last.clipped and handle.last.total_norm == pytest.approx(float(total), rel=1e-6)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_closure_through_a_step_taken_before_attach_is_refused():
     model = small_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bare_step = opt.step
     gradclip.attach(opt, global_clipnorm=1.0)
     backward(model)
     with pytest.raises(RuntimeError, match="closure"):
-        opt.step(lambda: model(torch.ones(1, 6)).sum())
+        bare_step(lambda: model(torch.ones(1, 6)).sum())
+
+
+def test_lbfgs_is_refused_by_name():
+    model = small_model()
+    with pytest.raises(ValueError, match="LBFGS calls its closure several times"):
+        gradclip.attach(torch.optim.LBFGS(model.parameters()), global_clipnorm=1.0)
 
 
 # --------------------------------------------------------------------------

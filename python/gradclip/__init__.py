@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from . import _core, _device
+from . import _core, _device, torch_ops
 from .array_api import clip_by_global_norm_, clip_by_norm_, clip_by_value_, global_norm, normalize_, tensor_norms
 from .torch_api import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .adaptive import AutoClip, ZClip
+from .patch import TorchPatch, patch_torch
 from .training import (
     ClipHandle,
     CsvLogger,
@@ -32,6 +33,9 @@ __version__ = "0.1.0"
 # caching allocator, CuPy's pool): the native core asks through this function.
 _core.set_device_allocator(_device.allocate)
 
+# The drop-ins as torch custom ops (torch.compile), when torch is already imported.
+torch_ops.register()
+
 __all__ = [
     "__version__",
     "AutoClip",
@@ -40,6 +44,7 @@ __all__ = [
     "NonfiniteGradientError",
     "StepRecord",
     "TensorBoardLogger",
+    "TorchPatch",
     "ZClip",
     "adaptive_clip_grad_",
     "attach",
@@ -55,6 +60,7 @@ __all__ = [
     "get_total_norm",
     "global_norm",
     "normalize_",
+    "patch_torch",
     "set_num_threads",
     "tensor_norms",
 ]

@@ -16,7 +16,7 @@ import types
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
-from . import _core, _seam, distributed
+from . import _core, _seam, distributed, torch_ops
 from ._inputs import (
     as_list,
     is_array_like,
@@ -93,6 +93,10 @@ def clip_grad_norm_(
         gradients a replicated DTensor, as torch returns.
     """
     del foreach
+    if torch_ops.use_ops(process_group, replicated):  # traced by torch.compile: one custom op
+        return torch_ops.clip_grad_norm_(parameters, nonnegative(max_norm, "max_norm"),
+                                         norm_order(norm_type, "norm_type"), bool(error_if_nonfinite))
+    torch_ops.register()
     is_generator = isinstance(parameters, types.GeneratorType)
     params = as_list(parameters)
     if is_generator and len(params) == 0:
@@ -181,6 +185,9 @@ def get_total_norm(
     for :func:`clip_grad_norm_` (DTensors combine over their mesh).
     """
     del foreach
+    if torch_ops.use_ops(process_group, replicated):
+        return torch_ops.get_total_norm(tensors, norm_order(norm_type, "norm_type"), bool(error_if_nonfinite))
+    torch_ops.register()
     items = as_list(tensors)
     p = norm_order(norm_type, "norm_type")
     if process_group is None and replicated is None:
@@ -212,6 +219,9 @@ def clip_grads_with_norm_(
     precomputed total norm (e.g. from :func:`get_total_norm`). Nothing is
     written when the coefficient is 1."""
     del foreach
+    if torch_ops.use_ops():
+        return torch_ops.clip_grads_with_norm_(parameters, nonnegative(max_norm, "max_norm"), total_norm)
+    torch_ops.register()
     params = as_list(parameters)
     limit = nonnegative(max_norm, "max_norm")
     if not is_array_like(total_norm):
@@ -242,6 +252,9 @@ def clip_grad_value_(
     elements stay NaN. Blocks with nothing to clamp are not written.
     """
     del foreach
+    if torch_ops.use_ops():
+        return torch_ops.clip_grad_value_(parameters, nonnegative(clip_value, "clip_value"))
+    torch_ops.register()
     params = as_list(parameters)
     v = nonnegative(clip_value, "clip_value")
     result = _core.clip(params, kind="value", limits=[v], argname="parameters", grad_attr=True, split_devices=True)

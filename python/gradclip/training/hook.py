@@ -35,6 +35,7 @@ class ClipHandle:
     :class:`StepRecord`."""
 
     def __init__(self, optimizer, engine: Engine, named_parameters, on_step):
+        _refuse_repeated_closures(optimizer)
         self.optimizer = optimizer
         self.last: Optional[StepRecord] = None
         self._engine = engine
@@ -48,7 +49,7 @@ class ClipHandle:
         self._hook = optimizer.register_step_pre_hook(self._pre_hook)
         self._install_step_wrapper()
 
-    # -- step wrapper: lets the pre-hook cancel a step ('skip') --
+    # -- step wrapper: runs a closure before the clip, lets the pre-hook cancel a step ('skip') --
 
     def _install_step_wrapper(self) -> None:
         opt = self.optimizer
@@ -56,13 +57,22 @@ class ClipHandle:
         inner = opt.step
         handle = self
 
-        def step(self_, *args, **kwargs):
+        def step(self_, closure=None, *args, **kwargs):
             if not handle._active:
-                return inner(*args, **kwargs)
+                return inner(*args, **kwargs) if closure is None else inner(closure, *args, **kwargs)
+            loss = None
+            if closure is not None:
+                # The closure recomputes the gradients: run it first (as the
+                # optimizer would, with gradients enabled), then clip, then step.
+                import torch
+
+                with torch.enable_grad():
+                    loss = closure()
             try:
-                return inner(*args, **kwargs)
+                result = inner(*args, **kwargs)
             except _SkipStep:
-                return None
+                return loss
+            return loss if closure is not None else result
 
         # Keep the markers others put on step (e.g. torch's LR schedulers check
         # `_wrapped_by_lr_sched`), and install a bound method, as schedulers
@@ -143,13 +153,16 @@ class ClipHandle:
         return self._params, pool_of_group[self._group_of_item], limits
 
     def _pre_hook(self, optimizer, args, kwargs) -> None:
-        # torch passes the optimizer itself as args[0].
+        # torch passes the optimizer itself as args[0]; a closure never gets
+        # here (the step wrapper runs it first), but a step called through a
+        # reference taken before attach() would bring it.
         if (len(args) > 1 or kwargs) and (
             any(a is not None for a in args[1:]) or any(v is not None for v in kwargs.values())
         ):
             raise RuntimeError(
-                "gradclip.attach: optimizer.step() was called with arguments (a closure?); a closure "
-                "recomputes the gradients inside step(), after the clip ran, so it cannot be clipped this way"
+                "gradclip.attach: optimizer.step() was called with arguments around gradclip's step wrapper (a "
+                "reference to step taken before attach()?); a closure there would recompute the gradients after "
+                "the clip ran. Call optimizer.step(closure) itself"
             )
         if getattr(optimizer, "grad_scale", None) is not None:
             raise RuntimeError(
@@ -166,6 +179,17 @@ class ClipHandle:
             self._on_step(record)
         if record.skipped:
             raise _SkipStep()
+
+
+def _refuse_repeated_closures(optimizer) -> None:
+    """An optimizer that calls its closure several times inside step() (a line
+    search) recomputes the gradients after the clip ran: nothing can clip them."""
+    lbfgs = getattr(sys.modules.get("torch.optim"), "LBFGS", None)
+    if lbfgs is not None and isinstance(optimizer, lbfgs):
+        raise ValueError(
+            f"gradclip.attach: {type(optimizer).__name__} calls its closure several times inside step() (its line "
+            "search), each time recomputing the gradients after the clip; clip inside the closure instead, "
+            "e.g. gradclip.clip_grad_norm_(params, max_norm) after loss.backward()")
 
 
 def _refuse_flat_shards(params) -> None:
