@@ -24,6 +24,7 @@ from typing import Any, List, Optional
 __all__ = ["compiling", "register"]
 
 _registered = False
+_is_compiling = None  # torch.compiler.is_compiling, once the ops are registered
 
 
 def compiling() -> bool:
@@ -38,13 +39,14 @@ def available() -> bool:
 
 def register() -> bool:
     """Registers the ops once torch is imported; returns whether they exist."""
-    global _registered
+    global _registered, _is_compiling
     if _registered:
         return True
     torch = sys.modules.get("torch")
     if torch is None or not hasattr(getattr(torch, "library", None), "custom_op"):
         return False
     _define(torch)
+    _is_compiling = torch.compiler.is_compiling
     _registered = True
     return True
 
@@ -139,5 +141,6 @@ def clip_grad_value_(parameters: Any, clip_value: float) -> None:
 
 def use_ops(process_group: Optional[Any] = None, replicated: Optional[Any] = None) -> bool:
     """Whether a drop-in should go through the ops: torch.compile is tracing,
-    the ops exist, and nothing asks for the eager-only distributed path."""
-    return process_group is None and replicated is None and _registered and compiling()
+    the ops exist, and nothing asks for the eager-only distributed path. (On
+    every eager call: kept to one flag test and one call.)"""
+    return _registered and _is_compiling() and process_group is None and replicated is None
