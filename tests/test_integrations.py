@@ -152,3 +152,93 @@ def test_lightning_clips_through_gradclip(route, counted):
     _close_lists(ours.losses, theirs.losses, "loss")
     for a, b in zip(ours.net.parameters(), theirs.net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# The callbacks: clip with gradclip, log per-layer norms through the trainer
+# --------------------------------------------------------------------------
+
+
+def test_lightning_callback_clips_and_logs_per_layer_norms():
+    L = pytest.importorskip("lightning")
+    from gradclip import integrations
+
+    def run(callback):
+        module = _lightning_module(L, attach_clip=False)
+        logged = []
+
+        class Keep(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                logged.append(dict(trainer.callback_metrics))
+
+        callbacks = [callback, Keep()] if callback else [Keep()]
+        trainer = L.Trainer(max_steps=4, gradient_clip_val=None if callback else 0.5, accelerator="cpu", devices=1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=callbacks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module)
+        return module, logged
+
+    callback = integrations.lightning_callback(top_k=3, global_clipnorm=0.5)
+    ours, logged = run(callback)
+    theirs, _ = run(None)
+    _close_lists(ours.losses, theirs.losses, "loss")
+    for a, b in zip(ours.net.parameters(), theirs.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    last = logged[-1]
+    assert float(last["gradclip/total_norm"]) == pytest.approx(callback.last.total_norm, rel=1e-6)
+    top = callback.last.largest(3)  # the last step's three largest, by name, as logged
+    assert len(top) == 3 and all(name in dict(ours.named_parameters()) for name, _ in top)
+    for name, norm in top:
+        assert float(last[f"gradclip/norm/{name}"]) == pytest.approx(norm, rel=1e-6)
+    with pytest.raises(ValueError, match="nonfinite='skip'"):
+        integrations.lightning_callback(global_clipnorm=1.0, nonfinite="skip")
+
+
+def test_lightning_callback_refuses_a_second_clip():
+    L = pytest.importorskip("lightning")
+    from gradclip import integrations
+
+    trainer = L.Trainer(max_steps=1, gradient_clip_val=0.5, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[integrations.lightning_callback(global_clipnorm=0.5)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="leave Trainer\\(gradient_clip_val"):
+            trainer.fit(_lightning_module(L, attach_clip=False))
+
+
+def test_hf_callback_clips_and_logs_per_layer_norms(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gradclip import integrations
+
+    def run(max_grad_norm, with_callback):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=16)
+        model = transformers.GPT2LMHeadModel(config)
+        g = torch.Generator().manual_seed(1)
+        data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (32, 16), generator=g)]
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(with_callback)), max_steps=5, per_device_train_batch_size=4,
+            learning_rate=1e-3, max_grad_norm=max_grad_norm, logging_steps=1, report_to=[], save_strategy="no",
+            use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        if with_callback:
+            integrations.add_hf_callback(trainer, top_k=4, global_clipnorm=0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h], model
+
+    ours, model = run(0.0, True)
+    theirs, _ = run(0.05, False)
+    _close_lists([h["loss"] for h in ours], [h["loss"] for h in theirs], "loss")
+    _close_lists([float(h["grad_norm"]) for h in ours], [float(h["grad_norm"]) for h in theirs], "grad_norm")
+    names = dict(model.named_parameters())
+    for h in ours:
+        assert h["gradclip/total_norm"] == float(h["grad_norm"]) and h["gradclip/clipped"] == 1.0
+        layers = [k[len("gradclip/norm/"):] for k in h if k.startswith("gradclip/norm/")]
+        assert len(layers) == 4 and all(name in names for name in layers)
+    with pytest.raises(ValueError, match="max_grad_norm=0"):
+        run(1.0, True)
