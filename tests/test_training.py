@@ -250,11 +250,14 @@ def test_grad_scaler_hook_sees_unscaled_gradients_and_inf_steps_are_skipped():
         assert_bitwise_equal(p.detach(), b)
 
 
-def test_fused_optimizer_under_grad_scaler_needs_unscale_first():
+def test_fused_optimizer_under_grad_scaler_without_folding_needs_unscale_first():
+    # With fold=False the clip rewrites the gradients before the step, so they
+    # must be unscaled first (with folding, the default, the scales compose:
+    # tests/test_fold.py).
     model = small_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    handle = gradclip.attach(opt, global_clipnorm=0.5)
+    handle = gradclip.attach(opt, global_clipnorm=0.5, fold=False)
     scaler.scale(model(torch.ones(2, 6)).sum()).backward()
     with pytest.raises(RuntimeError, match=r"call scaler.unscale_\(optimizer\) before scaler.step"):
         scaler.step(opt)  # a fused optimizer would unscale inside its step, after the clip
@@ -551,7 +554,7 @@ def test_attach_and_clip_gradients_share_one_declaration_of_the_options():
     from gradclip.training.options import clip_options
 
     options = list(inspect.signature(clip_options).parameters)
-    for fn, own in ((gradclip.attach, ["optimizer", "named_parameters", "on_step"]),
+    for fn, own in ((gradclip.attach, ["optimizer", "named_parameters", "on_step", "fold"]),
                     (gradclip.clip_gradients_, ["parameters", "named_parameters"])):
         params = inspect.signature(fn).parameters
         assert list(params) == own[:1] + options + own[1:], fn.__name__

@@ -312,6 +312,8 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("api"), py::arg("allocate"), "Test hook: see binding/device_resources.h.");
 
   m.def("finite_as_reported", &finite_as_reported, py::arg("norm"), py::arg("as_float32"));
+  m.def("clip_coefficient", &clip_coefficient, py::arg("max_norm"), py::arg("norm"), py::arg("eps"),
+        "torch's rule (core/clip_rules.h), for a coefficient handed to a fused optimizer instead of applied");
 
   m.def("compiled_isas", [] {
     std::vector<std::string> names;

@@ -4,6 +4,7 @@ one reduction, the clipper's threshold, then one finish (the engine's seam)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, List, Optional, Sequence
 
@@ -60,6 +61,26 @@ class Engine:
         else:
             clip_coef = float(coefs.min())
         return self._record(step, r, names, clip_coef=clip_coef, clipped=r.written, skipped=held)
+
+    def measure(self, params: Sequence[Any], names: Sequence[str], grad_scale: float = 1.0):
+        """The clip's norms without its writes, for a fused optimizer to fold the
+        coefficient into its step (one read pass; 'zero' still repairs). The
+        gradients may carry a GradScaler's ``grad_scale``; the record is of the
+        unscaled ones. Returns ``(record, coefficient)``; the coefficient is 1
+        when the step is held ('skip'; 'error' raises)."""
+        step = self.steps
+        self.steps += 1
+        o = self.options
+        r = _core.clip(params, kind="none", order=o.p, nonfinite=o.nonfinite, argname="parameters", grad_attr=True,
+                       report=True)
+        held = self._held(r, names)
+        total = float(r.total) / grad_scale
+        coef = 1.0 if held else _core.clip_coefficient(o.default_limit, total, o.eps)
+        clipped = (coef != 1.0 and r.count > 0 and not held) or bool(r.zeroed)
+        record = self._record(step, r, names, clip_coef=coef, clipped=clipped, skipped=held)
+        if grad_scale != 1.0:
+            record = dataclasses.replace(record, total_norm=total, _norms=r.norms / grad_scale)
+        return record, coef
 
     def _run_adaptive(self, params, names, step) -> StepRecord:
         # The norms first (nothing written, except zeroing under 'zero'), then

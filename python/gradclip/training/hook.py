@@ -34,9 +34,16 @@ class ClipHandle:
     detaches the clip and restores ``optimizer.step``; ``last`` is the latest
     :class:`StepRecord`."""
 
-    def __init__(self, optimizer, engine: Engine, named_parameters, on_step):
+    def __init__(self, optimizer, engine: Engine, named_parameters, on_step, fold: Optional[bool] = None):
         _refuse_repeated_closures(optimizer)
         self.optimizer = optimizer
+        self.fold = _can_fold(optimizer, engine.options) if fold is None else fold
+        if self.fold and not _can_fold(optimizer, engine.options):
+            raise ValueError(
+                "fold=True: the coefficient can be folded only into a fused optimizer step (fused=True Adam, AdamW, "
+                "SGD, Adagrad) under one global_clipnorm limit (no adaptive clipper, per-group limits or "
+                "process_group)")
+        self._scale_to_restore: Any = _UNSET
         self.last: Optional[StepRecord] = None
         self._engine = engine
         self._on_step = on_step
@@ -61,6 +68,7 @@ class ClipHandle:
             if not handle._active:
                 return inner(*args, **kwargs) if closure is None else inner(closure, *args, **kwargs)
             loss = None
+            handle._scale_to_restore = _UNSET
             if closure is not None:
                 # The closure recomputes the gradients: run it first (as the
                 # optimizer would, with gradients enabled), then clip, then step.
@@ -72,6 +80,8 @@ class ClipHandle:
                 result = inner(*args, **kwargs)
             except _SkipStep:
                 return loss
+            finally:
+                handle._restore_grad_scale()
             return loss if closure is not None else result
 
         # Keep the markers others put on step (e.g. torch's LR schedulers check
@@ -164,7 +174,9 @@ class ClipHandle:
                 "reference to step taken before attach()?); a closure there would recompute the gradients after "
                 "the clip ran. Call optimizer.step(closure) itself"
             )
-        if getattr(optimizer, "grad_scale", None) is not None:
+        scale = getattr(optimizer, "grad_scale", None)
+        params, pools, limits = self._layout()
+        if scale is not None and not (self.fold and pools is None):
             raise RuntimeError(
                 "gradclip.attach: the gradients are still scaled by GradScaler (this optimizer unscales inside "
                 "its fused step); call scaler.unscale_(optimizer) before scaler.step(optimizer)"
@@ -172,13 +184,57 @@ class ClipHandle:
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0.0:
             return  # GradScaler found infs: this fused optimizer's step will skip the update itself
-        params, pools, limits = self._layout()
-        record = self._engine.run(params, pools, limits, self._names)
+        if self.fold and pools is None:
+            record = self._fold_into_step(optimizer, params, scale)
+        else:
+            record = self._engine.run(params, pools, limits, self._names)
         self.last = record
         if self._on_step is not None:
             self._on_step(record)
         if record.skipped:
             raise _SkipStep()
+
+
+    def _fold_into_step(self, optimizer, params, scale) -> StepRecord:
+        """One read pass for the norm; the coefficient goes to the fused step as
+        its grad_scale (composed with a GradScaler's), which divides every
+        gradient by it in its own pass, instead of a second pass rewriting them."""
+        import torch
+
+        record, coef = self._engine.measure(params, self._names, 1.0 if scale is None else float(scale))
+        if not record.skipped:
+            self._scale_to_restore = scale
+            device = next((p.grad.device for p in params if p.grad is not None), None)
+            if scale is None:
+                optimizer.grad_scale = torch.full((), 1.0 / coef if coef else math.inf, dtype=torch.float32,
+                                                  device=device)
+            else:
+                optimizer.grad_scale = scale / coef if coef else torch.full_like(scale, math.inf)
+        return record
+
+    def _restore_grad_scale(self) -> None:
+        if self._scale_to_restore is _UNSET:
+            return
+        if self._scale_to_restore is None:
+            self.optimizer.grad_scale = None
+        else:
+            self.optimizer.grad_scale = self._scale_to_restore
+        self._scale_to_restore = _UNSET
+
+
+_UNSET = object()
+
+
+def _can_fold(optimizer, options) -> bool:
+    """Whether attach can hand the coefficient to this optimizer's fused step:
+    torch's fused optimizers divide every gradient by ``grad_scale`` in their
+    own pass over it (the GradScaler mechanism), and write the divided gradient
+    back, so after step() the gradients read as clipped ones."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    if not all(group.get("fused") for group in optimizer.param_groups):
+        return False
+    return options.option == "global_clipnorm" and not options.adaptive and not options.distributed
 
 
 def _refuse_repeated_closures(optimizer) -> None:
@@ -213,6 +269,7 @@ def attach(
     *,
     named_parameters: Optional[Iterable[Tuple[str, Any]]] = None,
     on_step: Optional[Callable[[StepRecord], Any]] = None,
+    fold: Optional[bool] = None,
     options: ClipOptions,
 ) -> ClipHandle:
     """Clip the gradients of ``optimizer``'s parameters before every
@@ -245,4 +302,4 @@ def attach(
     the first group holds whole); FSDP1's flat parameters without it are
     refused rather than clipped by a local norm.
     """
-    return ClipHandle(optimizer, Engine(options), named_parameters, on_step)
+    return ClipHandle(optimizer, Engine(options), named_parameters, on_step, fold)
