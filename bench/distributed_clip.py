@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,16 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from gradclip.bench.env import cpu_model
 
 
 def _collectives(fn) -> int:
@@ -109,7 +99,7 @@ def _rank(rank: int, world: int, rendezvous: str, args, out_path: str) -> None:
         lines = [
             f"# FSDP2 clip_grad_norm_ on {world} ranks (gloo, CPU)",
             "",
-            f"{_cpu_model()}, {os.cpu_count()} cores, 1 thread per rank; torch {torch.__version__}, gradclip "
+            f"{cpu_model()}, {os.cpu_count()} cores, 1 thread per rank; torch {torch.__version__}, gradclip "
             f"{gradclip.__version__} ({gradclip.build_info()['isa']}); {datetime.datetime.now().isoformat(timespec='seconds')}; "
             f"load average at start {os.getloadavg()[0]:.2f}.",
             f"Model: {args.layers} x Linear({args.width}, {args.width}), fully_shard per layer and at the root: "

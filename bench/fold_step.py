@@ -17,24 +17,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 
 import torch
 
+from gradclip.bench.env import cpu_model
+
 import gradclip
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -85,7 +75,7 @@ def main() -> None:
     lines = [
         "# Fused AdamW step with clipping: torch, gradclip, gradclip folded into the step",
         "",
-        f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, gradclip "
+        f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, gradclip "
         f"{gradclip.get_num_threads()} threads ({gradclip.build_info()['isa']}); torch {torch.__version__}; "
         f"{datetime.datetime.now().isoformat(timespec='seconds')}; load average {load_start:.2f} at start, "
         f"{os.getloadavg()[0]:.2f} at the end. {args.layers} x Linear({args.width}, {args.width}), fp32, "

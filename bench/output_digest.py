@@ -102,7 +102,6 @@ def norms(d: Digest):
 
 
 def clips(d: Digest):
-    torch = _torch()
     for dtype in DTYPES:
         for p in [1.0, 2.0, math.inf, 3.0]:
             for limit in [0.0, 0.5, 1e9]:

@@ -36,20 +36,25 @@ def _close_lists(ours, theirs, what):
         assert a == pytest.approx(b, rel=2e-6, abs=1e-7), f"{what}[{i}]: {a} against {b}"
 
 
+def _hf_trainer(transformers, output_dir, max_steps: int, max_grad_norm: float):
+    """A 2-layer GPT-2 built from its config on synthetic tokens: no download."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (32, 16), generator=g)]
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        max_grad_norm=max_grad_norm, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True, seed=0, data_seed=0)
+    return transformers.Trainer(model=model, args=args, train_dataset=data), model
+
+
 def test_hf_trainer_clips_through_gradclip(tmp_path, counted):
     transformers = pytest.importorskip("transformers")
 
     def run(patched: bool):
-        torch.manual_seed(0)
-        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=16)
-        model = transformers.GPT2LMHeadModel(config)
-        g = torch.Generator().manual_seed(1)
-        data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (32, 16), generator=g)]
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / ("patched" if patched else "plain")), max_steps=6,
-            per_device_train_batch_size=4, learning_rate=1e-3, max_grad_norm=0.05, logging_steps=1,
-            report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer, _ = _hf_trainer(transformers, tmp_path / ("patched" if patched else "plain"), 6, 0.05)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if patched:
@@ -214,16 +219,7 @@ def test_hf_callback_clips_and_logs_per_layer_norms(tmp_path):
     from gradclip import integrations
 
     def run(max_grad_norm, with_callback):
-        torch.manual_seed(0)
-        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=16)
-        model = transformers.GPT2LMHeadModel(config)
-        g = torch.Generator().manual_seed(1)
-        data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (32, 16), generator=g)]
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / str(with_callback)), max_steps=5, per_device_train_batch_size=4,
-            learning_rate=1e-3, max_grad_norm=max_grad_norm, logging_steps=1, report_to=[], save_strategy="no",
-            use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer, model = _hf_trainer(transformers, tmp_path / str(with_callback), 5, max_grad_norm)
         if with_callback:
             integrations.add_hf_callback(trainer, top_k=4, global_clipnorm=0.05)
         with warnings.catch_warnings():
