@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import shutil
 import sys
 import time
@@ -118,7 +119,10 @@ def _plot_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def build_parser(prog: str, default_bench: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="gradclip benchmarks and build information.")
+    description = "gradclip benchmarks and build information."
+    if default_bench:
+        description += " Without a subcommand, bench (its options: gradclip-bench bench --help)."
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", metavar="{bench,plot,info}",
                                 required=not default_bench)
     _bench_parser(sub)
@@ -236,15 +240,33 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run_bench(args)
 
 
+def _quiet_on_closed_pipe(run) -> int:
+    """Runs a command; when its reader goes away (``| head``), stops quietly
+    instead of printing a BrokenPipeError traceback."""
+    try:
+        code = run()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``gradclip-bench``: the subcommand defaults to ``bench``."""
+    """``gradclip-bench``: the subcommand defaults to ``bench``; ``--help``
+    alone lists every subcommand."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("bench", "plot", "info"):  # so --help shows bench's options
+    parser = build_parser("gradclip-bench", default_bench=True)
+    if argv and argv[0] not in ("bench", "plot", "info", "-h", "--help"):
         argv = ["bench", *argv]
-    return _dispatch(build_parser("gradclip-bench", default_bench=True).parse_args(argv))
+    elif not argv:
+        argv = ["bench"]
+    return _quiet_on_closed_pipe(lambda: _dispatch(parser.parse_args(argv)))
 
 
 def module_main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m gradclip``: a subcommand is required."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return _dispatch(build_parser("python -m gradclip", default_bench=False).parse_args(argv))
+    parser = build_parser("python -m gradclip", default_bench=False)
+    return _quiet_on_closed_pipe(lambda: _dispatch(parser.parse_args(argv)))
