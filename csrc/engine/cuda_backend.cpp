@@ -28,7 +28,9 @@ CudaBackend::CudaBackend(const std::vector<Span>& spans, int32_t device, const c
   for (size_t s = 0; s < spans.size(); ++s) tensors_[s] = {spans[s].data, spans[s].numel, spans[s].dtype, 0};
 }
 
-void CudaBackend::reduce(const Request&) { reduce_pending_ = true; }
+// The norm kernels launch with the next launch (finish's, or group_partials'):
+// a plain clip is then one launch sequence.
+void CudaBackend::reduce(const Request&) {}
 
 CudaBackend::Layout CudaBackend::plan_outputs(const Request& req, bool report, bool seam) const {
   Layout l;
@@ -115,7 +117,6 @@ CudaBackend::Layout CudaBackend::launch(const Request& req, uint32_t stages, boo
   resources_.unlocked([&] { error = api_.launch(tensors_.data(), n, &r); });
   if (error) throw std::runtime_error(std::string("gradclip CUDA: ") + error);
   if (stages & cuda::kReduce) reduced_ = true;
-  reduce_pending_ = false;
   return l;
 }
 
@@ -135,7 +136,6 @@ GroupPartials CudaBackend::group_partials(const Request& req) {
   seam_out_ = l.out;
   seam_total_ = l.total;
   seam_nonfinite_ = l.nonfinite;
-  seam_partials_ = l.partials;
   GroupPartials out;
   out.device_offset = l.partials;
   return out;

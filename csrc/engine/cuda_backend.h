@@ -55,12 +55,11 @@ class CudaBackend final : public Backend {
   const cuda::Api& api_;
   DeviceResources& resources_;
   std::vector<cuda::DeviceTensor> tensors_;
-  bool reduce_pending_ = false;  // reduce() defers its launch to the next one
   bool reduced_ = false;         // the partials are in workspace_
   void* workspace_ = nullptr;
   void* stream_ = nullptr;
   char* seam_out_ = nullptr;     // the reduce launch's outputs (group partials, total, nonfinite)
-  int64_t seam_total_ = -1, seam_nonfinite_ = -1, seam_partials_ = -1;
+  int64_t seam_total_ = -1, seam_nonfinite_ = -1;
 };
 
 }  // namespace gradclip::engine

@@ -127,19 +127,20 @@ def clip_grad_norm_(
 _NONFINITE = {True: "error", False: "propagate"}
 
 
-def _combine_across_devices(params, by_device, p: float, of_grads: bool, nonfinite: str = "propagate"):
+def _combine_across_devices(params, split, p: float, of_grads: bool, nonfinite: str = "propagate"):
     """torch's scheme for lists over several devices, on the engine's seam:
     each device's tensors reduced where they lie, every device's partial power
     sums stacked in list order on each device (no host sync), and each device
-    finished with that same stack, so all of them see one total. Returns a
+    finished with that same stack, so all of them see one total, in the result
+    dtype of the whole list (``split``, the routing Result). Returns a
     finisher per device: ``finish(kind, limits)`` -> its Result."""
     import torch
 
     argname = "parameters" if of_grads else "tensors"
     local = [_seam.reduce(params, order=p, argname=argname, grad_attr=of_grads, nonfinite=nonfinite, only=items)
-             for items in by_device]
+             for items in split.items_by_device]
     parts = [torch.as_tensor(n.partials) for n in local]
-    result_f64 = any(_seam_result_f64(params, items, of_grads) for items in by_device)
+    result_f64 = split.result_f64
 
     def finisher(k: int):
         device = parts[k].device
@@ -149,18 +150,8 @@ def _combine_across_devices(params, by_device, p: float, of_grads: bool, nonfini
     return [finisher(k) for k in range(len(local))]
 
 
-def _seam_result_f64(params, items, of_grads: bool) -> bool:
-    import torch
-
-    for i in items:
-        t = params[i].grad if of_grads else params[i]
-        if t.dtype == torch.float64:
-            return True
-    return False
-
-
 def _clip_across_devices(params, split, limit: float, p: float, nonfinite: str) -> "torch.Tensor":
-    finishers = _combine_across_devices(params, split.items_by_device, p, of_grads=True, nonfinite=nonfinite)
+    finishers = _combine_across_devices(params, split, p, of_grads=True, nonfinite=nonfinite)
     # Every device holds, or none does: they finish with the same stack.
     results = [finish(kind="global", limits=[limit]) for finish in finishers]
     total = _total_as_tensor(params, results[0], of_grads=True)
@@ -202,7 +193,7 @@ def get_total_norm(
             raise nonfinite_error(p)
         return total
     if result.items_by_device is not None:
-        first_device = _combine_across_devices(items, result.items_by_device, p, of_grads=False)[0]
+        first_device = _combine_across_devices(items, result, p, of_grads=False)[0]
         result = first_device(kind="none")
     if error_if_nonfinite and not total_is_finite(result):
         raise nonfinite_error(p)
