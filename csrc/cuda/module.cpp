@@ -25,5 +25,8 @@ PYBIND11_MODULE(_cuda, m) {
     d["error"] = s.error;
     return d;
   });
+  // What the build compiled for (CMake's list, e.g. "90-real" or "75-virtual"): a GPU
+  // outside it runs only where PTX was compiled in, after the driver compiles it.
+  m.attr("architectures") = GRADCLIP_CUDA_ARCHITECTURES_TEXT;
   m.attr("_api") = py::capsule(const_cast<gradclip::cuda::Api*>(&gradclip::cuda::api()), "gradclip._cuda.api");
 }

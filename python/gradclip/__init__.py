@@ -85,6 +85,7 @@ def _cuda_status() -> Dict[str, Any]:
         return {"compiled": False, "available": False, "device_count": 0}
     status = dict(_cuda.runtime_status())
     status["compiled"] = True
+    status["architectures"] = _cuda.architectures
     status["available"] = status["device_count"] > 0
     return status
 
@@ -96,7 +97,8 @@ def build_info() -> Dict[str, Any]:
     ``supported_isas`` (those this CPU can run); ``isa`` (the one in use, which
     ``GRADCLIP_ISA=scalar|avx2|avx512`` can lower); ``num_threads``;
     ``cuda_compiled`` / ``cuda_available``, with ``cuda`` holding the runtime's
-    own report (versions, device count, error name) when the module exists.
+    own report (versions, device count, error name) and the GPU
+    ``architectures`` the module was compiled for, when the module exists.
     """
     cuda = _cuda_status()
     return {
