@@ -172,6 +172,38 @@ def test_every_isa_scaling_and_clamping_of_numpy_arrays(isa, dtype, size):
     assert got == expected
 
 
+# Coefficients that put x * coef in every float32 region: normal products (rounded to
+# bfloat16 up, down, and to even), exact halvings, and products below FLT_MIN, where the
+# AVX512_BF16 conversion instruction would flush to zero and the rounding must not.
+BF16_COEFFICIENTS = [0.7, 0.5, 1 / 3, 2.0 ** -10, 1e-30, 2.0 ** -120, 1e-38]
+
+
+@pytest.mark.parametrize("coef", BF16_COEFFICIENTS)
+def test_every_isa_rounds_every_bf16_product_as_the_scalar_kernels(isa, coef):
+    # Every bfloat16 pattern (NaNs, infinities, subnormals, zeros of both signs), at
+    # offsets that put the rescale's vector blocks and tails on every pattern.
+    patterns = np.arange(1 << 16, dtype=np.uint16)
+
+    def rescaled(offset: int) -> np.ndarray:
+        g = torch.from_numpy(np.concatenate([patterns[offset:], patterns[:offset]]).view(np.int16)).view(
+            torch.bfloat16).clone()
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g
+        gradclip.clip_grads_with_norm_([p], max_norm=coef, total_norm=torch.tensor(1.0, dtype=torch.float64))
+        return p.grad.view(torch.int16).numpy().view(np.uint16)
+
+    for offset in (0, 7):
+        got = rescaled(offset)
+        with active_isa("scalar"):
+            expected = rescaled(offset)
+        differ = np.flatnonzero(got != expected)
+        assert differ.size == 0, (f"{isa}, coef {coef}: {differ.size} patterns differ from the scalar kernels, "
+                                  f"first {got[differ[:4]]} vs {expected[differ[:4]]}")
+    if coef <= 1e-30:
+        subnormal = (expected & 0x7f80 == 0) & (expected & 0x7f != 0)
+        assert subnormal.any()  # the test reaches the products a flushing conversion gets wrong
+
+
 @pytest.mark.parametrize("name", UNSUPPORTED_ISAS or ["(none)"])
 def test_unsupported_isa_is_refused(name):
     before = _core.active_isa()

@@ -14,6 +14,7 @@ std::vector<const IsaKernels*> compiled_isas() {
 #endif
 #if defined(GRADCLIP_HAVE_AVX512)
   out.push_back(&avx512_kernels());
+  out.push_back(&avx512bf16_kernels());
 #endif
   return out;
 }
@@ -22,9 +23,10 @@ bool cpu_supports(const IsaKernels& isa) {
 #if defined(__x86_64__) || defined(__i386__)
   if (std::strcmp(isa.name, "avx2") == 0)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (std::strcmp(isa.name, "avx512") == 0)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (std::strcmp(isa.name, "avx512") == 0) return avx512;
+  if (std::strcmp(isa.name, "avx512bf16") == 0) return avx512 && __builtin_cpu_supports("avx512bf16");
 #endif
   return std::strcmp(isa.name, "scalar") == 0;
 }

@@ -1,5 +1,6 @@
 // The per-ISA kernel table. Each instruction-set file (isa_scalar.cpp,
-// isa_avx2.cpp, isa_avx512.cpp) fills one; dispatch.cpp picks one at run time.
+// isa_avx2.cpp, isa_avx512.cpp, isa_avx512bf16.cpp) fills one; dispatch.cpp
+// picks one at run time.
 //
 // Reduction contract, shared by every ISA so that all of them give bitwise
 // identical results: element k of a chunk is accumulated, in float64, into lane
@@ -45,6 +46,7 @@ const IsaKernels& avx2_kernels();
 #endif
 #if defined(GRADCLIP_HAVE_AVX512)
 const IsaKernels& avx512_kernels();
+const IsaKernels& avx512bf16_kernels();
 #endif
 
 // Fixed-tree fold of the 16 lanes (the second half of the contract above).

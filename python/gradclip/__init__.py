@@ -95,7 +95,7 @@ def build_info() -> Dict[str, Any]:
 
     Keys: ``version``; ``compiled_isas`` (CPU kernel sets in this build);
     ``supported_isas`` (those this CPU can run); ``isa`` (the one in use, which
-    ``GRADCLIP_ISA=scalar|avx2|avx512`` can lower); ``num_threads``;
+    ``GRADCLIP_ISA=scalar|avx2|avx512|avx512bf16`` can lower); ``num_threads``;
     ``cuda_compiled`` / ``cuda_available``, with ``cuda`` holding the runtime's
     own report (versions, device count, error name) and the GPU
     ``architectures`` the module was compiled for, when the module exists.
