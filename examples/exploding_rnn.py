@@ -28,7 +28,7 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -79,8 +79,10 @@ class VanillaRNN(torch.nn.Module):
 
 
 def train(clip_options: Dict[str, float], steps: int, seed: int = 0) -> Dict[str, List[float]]:
-    """One run; returns per-step loss and pre-clip gradient norm (cut short,
-    with the step it happened at, when the loss diverges)."""
+    """One run; returns per-step loss and pre-clip gradient norm (cut short
+    when the loss diverges). Steps are counted from 1, as on the figure's x
+    axis: ``loss[s - 1]`` is step s's, and ``diverged_at`` is the step whose
+    loss diverged (None if none did)."""
     torch.manual_seed(seed)
     model = VanillaRNN(HIDDEN, RECURRENT_SPECTRAL_NORM)
     data = torch.Generator().manual_seed(seed + 1)  # the same batches for every method
@@ -89,7 +91,7 @@ def train(clip_options: Dict[str, float], steps: int, seed: int = 0) -> Dict[str
     losses: List[float] = []
     grad_norms: List[float] = []
     diverged_at: Optional[int] = None
-    for step in range(steps):
+    for step in range(1, steps + 1):
         inputs, targets = adding_problem(data, BATCH, SEQ_LEN)
         optimizer.zero_grad(set_to_none=True)
         loss = torch.nn.functional.mse_loss(model(inputs), targets)
@@ -121,29 +123,55 @@ def summarise(name: str, run: Dict) -> str:
     return f"{name:24s} {end:28s} largest gradient norm {max(finite_norms, default=math.nan):.3g}"
 
 
-def plot(runs: Dict[str, Dict], steps: int, path: Path) -> None:
+def divergence_marker(series: List[float], step: int) -> Tuple[int, float]:
+    """Where the x marks a run's divergence on a curve: at the step the console
+    names, on that step's value (or, where it is NaN or infinite, at the height
+    of the last finite value before it)."""
+    finite = [v for v in series[:step] if math.isfinite(v)]
+    return step, finite[-1] if finite else math.nan
+
+
+def figure(runs: Dict[str, Dict], steps: int):
+    """The two panels (a matplotlib Figure, not saved): loss, and gradient norm before clipping."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    diverged = False
     for (name, run), color in zip(runs.items(), ("tab:red", "tab:orange", "tab:blue")):
-        x = range(1, len(run["loss"]) + 1)  # log x axis: the first steps are where a run explodes
+        x = range(1, len(run["loss"]) + 1)  # step s at x = s; log x axis: the first steps are where a run explodes
         ax_loss.plot(x, run["loss"], color=color, lw=0.5, alpha=0.35)
-        ax_loss.plot(x, smooth(run["loss"]), color=color, label=name)
+        ax_loss.plot(x, smooth(run["loss"]), color=color, lw=1.8, label=name)
         ax_norm.plot(x, run["grad_norm"], color=color, lw=0.6, alpha=0.8, label=name)
         if run["diverged_at"] is not None:
+            diverged = True
             for ax, series in ((ax_loss, run["loss"]), (ax_norm, run["grad_norm"])):
-                finite = [v for v in series if math.isfinite(v)]
-                ax.plot([len(finite)], [finite[-1]], "x", color=color, ms=10, mew=2)
-    ax_loss.axhline(BASELINE_LOSS, color="gray", ls="--", lw=1, label="predict the mean")
-    ax_loss.set(xscale="log", yscale="log", xlabel="SGD step",
-                ylabel="training MSE (thick: mean of the last 10% of steps)",
+                mx, my = divergence_marker(series, run["diverged_at"])
+                ax.plot([mx], [my], "x", color=color, ms=10, mew=2, gid=f"diverged:{name}")
+    ax_loss.axhline(BASELINE_LOSS, color="gray", ls="--", lw=1, label="predicting the mean (MSE 1/6)")
+    ax_loss.set(xscale="log", yscale="log", xlabel="SGD step", ylabel="training loss (MSE)",
                 title=f"adding problem, T={SEQ_LEN}, lr={LR}", xlim=(1, steps))
     ax_norm.set(xscale="log", yscale="log", xlabel="SGD step", ylabel="gradient norm before clipping",
-                title="global gradient norm (x: last step before the loss diverged)", xlim=(1, steps))
-    ax_loss.legend(fontsize=8)
+                title="global gradient norm", xlim=(1, steps))
+    # What the line widths and the x mean, as legend entries of their own (in gray: they hold for every run).
+    x_mark = Line2D([], [], color="black", marker="x", ls="none", ms=8, mew=2,
+                    label=f"loss diverged (> {DIVERGED_LOSS:g} or NaN): run stopped")
+    handles, _ = ax_loss.get_legend_handles_labels()
+    handles += [Line2D([], [], color="gray", lw=0.5, alpha=0.6, label="thin: loss of each step"),
+                Line2D([], [], color="gray", lw=1.8, label="thick: mean over the last 10% of steps so far")]
+    ax_loss.legend(handles=handles + ([x_mark] if diverged else []), fontsize=8)
+    handles, _ = ax_norm.get_legend_handles_labels()
+    ax_norm.legend(handles=handles + ([x_mark] if diverged else []), fontsize=8, loc="upper right")
+    return fig
+
+
+def plot(runs: Dict[str, Dict], steps: int, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, steps)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -4,8 +4,11 @@ problem (Pascanu et al. 2013, qualitatively)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -23,12 +26,20 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def runs(demo):
+def console_and_runs(demo):
     threads = torch.get_num_threads()
+    out = io.StringIO()
     try:
-        return demo.main(["--steps", "1000", "--no-plot"])
+        with contextlib.redirect_stdout(out):
+            runs = demo.main(["--steps", "1000", "--no-plot"])
     finally:
         torch.set_num_threads(threads)  # main() pins torch to one thread
+    return out.getvalue(), runs
+
+
+@pytest.fixture(scope="module")
+def runs(console_and_runs):
+    return console_and_runs[1]
 
 
 def tail_loss(run, n=100):
@@ -61,3 +72,52 @@ def test_plot_is_written(demo, runs, tmp_path):
     out = tmp_path / "rnn.png"
     demo.plot(runs, 1000, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _markers(fig, name):
+    """[(axes, x, y)] of the divergence marks drawn for run ``name``."""
+    return [(ax, line.get_xdata()[0], line.get_ydata()[0]) for ax in fig.axes for line in ax.get_lines()
+            if line.get_gid() == f"diverged:{name}"]
+
+
+def _passes_through(ax, x, y):
+    """Whether a curve of ``ax`` (not a marker) has the point (x, y)."""
+    return any(lx == x and ly == y for line in ax.get_lines() if line.get_gid() is None and len(line.get_xdata()) > 1
+               for lx, ly in zip(line.get_xdata(), line.get_ydata()))
+
+
+def test_the_divergence_mark_is_at_the_step_the_console_prints(demo, console_and_runs):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    console, runs = console_and_runs
+    (printed,) = re.findall(r"^no clipping\s+diverged at step (\d+)", console, flags=re.M)
+    step = int(printed)
+    run = runs["no clipping"]
+    # Steps count from 1 (the figure's x axis): the printed step is the first whose loss passed the limit.
+    assert run["diverged_at"] == step == len(run["loss"])
+    assert not run["loss"][step - 1] < demo.DIVERGED_LOSS
+    assert all(v < demo.DIVERGED_LOSS for v in run["loss"][:step - 1])
+    fig = demo.figure(runs, 1000)
+    try:
+        marks = _markers(fig, "no clipping")
+        assert len(marks) == 2  # the loss panel and the gradient norm panel
+        for ax, x, y in marks:
+            assert x == step
+            assert _passes_through(ax, x, y)  # on that step's point of the run's curve
+        (loss_ax, _, loss_y), (norm_ax, _, norm_y) = marks
+        assert loss_y == run["loss"][step - 1] and norm_y == run["grad_norm"][step - 1]
+        assert not _markers(fig, f"norm clipping ({demo.CLIP_NORM})")  # no mark where nothing diverged
+        # Both panels say what the marks and the lines are.
+        for ax in (loss_ax, norm_ax):
+            labels = [t.get_text() for t in ax.get_legend().get_texts()]
+            assert "no clipping" in labels and any("diverged" in t for t in labels)
+        loss_labels = [t.get_text() for t in loss_ax.get_legend().get_texts()]
+        assert any(t.startswith("thin:") for t in loss_labels) and any(t.startswith("thick:") for t in loss_labels)
+    finally:
+        plt.close(fig)
+
+
+def test_a_nan_loss_is_marked_at_its_step_at_the_last_finite_height(demo):
+    assert demo.divergence_marker([2.0, 30.0, math.nan], 3) == (3, 30.0)
+    assert demo.divergence_marker([2.0, 3000.0], 2) == (2, 3000.0)

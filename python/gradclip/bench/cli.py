@@ -102,7 +102,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--ceiling-mib", type=int, default=256, metavar="MiB", help="buffer for the ceilings (256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--name", help="file name stem (default DATE_MACHINE_DEVICE[-quick])")
+    p.add_argument("--name", help="file name stem (default DATE_MACHINE_DEVICE[-quick]); a stem whose files "
+                                  "exist gets -2, -3, ... unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run with the same stem")
+    p.add_argument("--no-plots", action="store_true", help="write no PNGs (they need matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     return p
@@ -129,6 +132,16 @@ def build_parser(prog: str, default_bench: bool) -> argparse.ArgumentParser:
     _plot_parser(sub)
     sub.add_parser("info", help="print gradclip.build_info() as JSON")
     return parser
+
+
+def _free_stem(out: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ...: the first whose files are not
+    there yet, so that a second run on the same day keeps the first one's."""
+    candidate, n = stem, 1
+    while any(out.glob(f"{candidate}.*")) or any(out.glob(f"{candidate}_*.png")):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -180,7 +193,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     result = run(config, Progress(enabled=not args.no_progress))
     result["wall_s"] = round(time.monotonic() - t0, 1)
-    result["targets"] = report.targets(result)
+    result["goals"] = report.goals(result)
 
     from .env import machine_tag
 
@@ -190,10 +203,20 @@ def _run_bench(args: argparse.Namespace) -> int:
         machine_tag(meta["device_name"], meta["cpu_count"] if args.device == "cpu" else None),
         args.device, "-quick" if quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: args.out / f"{stem}.{ext}" for ext in ("json", "csv", "md")}
-    report.write_json(result, paths["json"])
-    report.write_csv(result, paths["csv"])
-    report.write_markdown(result, paths["md"])
+    stem = stem if args.overwrite else _free_stem(args.out, stem)
+    paths = [args.out / f"{stem}.{ext}" for ext in ("json", "csv", "md")]
+    report.write_json(result, paths[0])
+    report.write_csv(result, paths[1])
+    report.write_markdown(result, paths[2])
+    plots_note = ""
+    if not args.no_plots:
+        try:
+            from . import plot
+
+            paths += plot.plot_result(result, args.out, stem)
+        except plot.NoMatplotlib:
+            plots_note = (f"no plots: matplotlib is missing (pip install matplotlib, then python -m gradclip plot "
+                          f"{paths[0]})")
 
     c = result["ceilings"]
     print(f"{meta['device_name']} | torch {meta['torch_version']} ({meta['threads']} threads) | gradclip "
@@ -204,11 +227,16 @@ def _run_bench(args: argparse.Namespace) -> int:
     print()
     print(report.text_table(result))
     print()
-    for extra in (report.targets_text(result["targets"]), report.skipped_text(result)):
+    for extra in (report.step_text(result), report.goals_text(result["goals"]), report.skipped_text(result)):
         if extra:
             print(extra)
             print()
-    print(f"{len(plan(config))} cases in {result['wall_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"Run: {report.conditions(meta)}.")
+    print(f"{len(plan(config))} cases in {result['wall_s']:.0f} s; wrote:")
+    for path in paths:
+        print(f"  {path}")
+    if plots_note:
+        print(plots_note)
     bad = [r for r in result["rows"] if r["status"].startswith(("error", "wrong"))]
     return 1 if bad else 0
 
@@ -223,9 +251,13 @@ def _run_plot(args: argparse.Namespace) -> int:
             print(f"gradclip plot: no results given and none in {DEFAULT_OUT}; run 'bench' first", file=sys.stderr)
             return 2
         files = [found[-1]]
-    for f in files:
-        for png in plot.plot_file(f, args.out, dpi=args.dpi):
-            print(png)
+    try:
+        for f in files:
+            for png in plot.plot_file(f, args.out, dpi=args.dpi):
+                print(png)
+    except plot.NoMatplotlib as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 

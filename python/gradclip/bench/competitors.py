@@ -9,6 +9,14 @@
 * ``numpy``: the obvious NumPy code (:func:`numpy_clip_grad_norm_`,
   :func:`numpy_clip_grad_value_`) on zero-copy views of the same gradients;
   CPU and float32 only.
+* ``no_clip``: in the ``step`` mode only, the optimizer step without any clip,
+  which the clip's added cost is measured against.
+
+The ``step`` mode times a whole optimizer step with clipping, as training runs
+it: torch's ``clip_grad_norm_`` then a fused AdamW step, against gradclip's
+:func:`gradclip.attach` on the same fused AdamW (one read pass for the norm, the
+coefficient folded into the step's ``grad_scale``). Each contender has its own
+optimizer (its own state) over the same parameters.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import numpy as np
 
 from .workloads import Workload
 
-CONTENDERS = ("gradclip", "torch_foreach", "torch_loop", "torch_compile", "numpy")
+CONTENDERS = ("gradclip", "torch_foreach", "torch_loop", "torch_compile", "numpy", "no_clip")
 COMPETITORS = CONTENDERS[1:]
 
 LABELS = {
@@ -31,10 +39,24 @@ LABELS = {
     "torch_loop": "torch foreach=False",
     "torch_compile": "torch.compile(eager foreach clip)",
     "numpy": "NumPy reference",
+    "no_clip": "the step alone (no clip)",
 }
 
-MODES = ("norm-clip", "norm-noclip", "value-clip")
-MODE_OPS = {"norm-clip": "clip_grad_norm_", "norm-noclip": "clip_grad_norm_", "value-clip": "clip_grad_value_"}
+MODES = ("norm-clip", "norm-noclip", "value-clip", "step")
+MODE_OPS = {"norm-clip": "clip_grad_norm_", "norm-noclip": "clip_grad_norm_", "value-clip": "clip_grad_value_",
+            "step": "clip_grad_norm_ + AdamW(fused=True).step"}
+
+# The step mode's optimizer: small enough a learning rate that the parameters stay
+# ordinary numbers over hundreds of timed steps.
+STEP_LR = 1e-5
+
+
+def applies(name: str, mode: str) -> bool:
+    """Whether contender ``name`` takes part in ``mode`` at all (a contender that
+    applies but cannot run in one configuration raises :class:`Skip` instead)."""
+    if mode == "step":
+        return name in ("gradclip", "torch_foreach", "torch_loop", "no_clip")
+    return name != "no_clip"
 
 # max_norm relative to the true norm: 0.5x always clips; 2x never does.
 CLIP_FRACTION = 0.5
@@ -126,6 +148,8 @@ class Built:
 def build(name: str, case: Case, torch: Any, options: Options) -> Built:
     """A zero-argument callable doing one clip of ``case`` with contender ``name``.
     Raises :class:`Skip` when the contender does not apply."""
+    if case.mode == "step":
+        return _build_step(name, case, torch)
     value = case.mode == "value-clip"
     params, limit = case.params, case.limit
     if name == "gradclip":
@@ -172,6 +196,42 @@ def build(name: str, case: Case, torch: Any, options: Options) -> Built:
     raise ValueError(f"unknown contender {name!r}")
 
 
+def _build_step(name: str, case: Case, torch: Any) -> Built:
+    """One clipped optimizer step; returns the total norm the clip saw (None for
+    ``no_clip``)."""
+    params, limit = case.params, case.limit
+    with torch.no_grad():
+        for p in params:  # the runner leaves parameters unwritten; the optimizer reads them
+            p.zero_()
+    opt = torch.optim.AdamW(params, lr=STEP_LR, fused=True)
+    if name == "gradclip":
+        import gradclip
+
+        handle = gradclip.attach(opt, global_clipnorm=limit)
+
+        def gradclip_step():
+            opt.step()
+            return handle.last.total_norm
+
+        return Built(gradclip_step)
+    if name in ("torch_foreach", "torch_loop"):
+        foreach = name == "torch_foreach"
+        clip = torch.nn.utils.clip_grad_norm_
+
+        def torch_step():
+            total = clip(params, limit, foreach=foreach)
+            opt.step()
+            return total
+
+        return Built(torch_step)
+    if name == "no_clip":
+        def bare_step():
+            opt.step()
+
+        return Built(bare_step)
+    raise Skip("not part of the step mode")
+
+
 # ---------------------------------------------------------------------------
 # Checking one call's effect, so every timed call is known to do the right work.
 
@@ -190,9 +250,10 @@ def float64_norm(torch: Any, tensors: Sequence[Any]) -> float:
 def check(case: Case, torch: Any, returned: object) -> Tuple[Optional[str], Optional[float]]:
     """(problem or None, relative error of the returned norm or None).
 
-    A norm-mode call must report a norm on the right side of ``max_norm`` (so
-    that it clips, or does not), and leave the gradients scaled by its own
-    coefficient ``min(max_norm / returned, 1)``; its norm's accuracy is
+    A norm-mode call (and a clipped step: a fused step writes the gradients it
+    divided by its ``grad_scale`` back) must report a norm on the right side of
+    ``max_norm`` (so that it clips, or does not), and leave the gradients scaled
+    by its own coefficient ``min(max_norm / returned, 1)``; its norm's accuracy is
     returned, not judged (torch's 16-bit norms are off by several percent).
     A value-mode call must leave every element within the bound, some changed.
     """
@@ -202,6 +263,10 @@ def check(case: Case, torch: Any, returned: object) -> Tuple[Optional[str], Opti
         limit = float(torch.tensor(case.limit, dtype=case.grads[0].dtype))  # rounded to the dtype, as torch does
         if bound > limit or all(torch.equal(g, p) for g, p in zip(case.grads, case.pristine)):
             return f"max |g| after clamping {bound:.6g}, limit {limit:.6g}", None
+        return None, None
+    if case.mode == "step" and returned is None:  # the step alone: no clip, gradients as they were
+        if not all(torch.equal(g, p) for g, p in zip(case.grads, case.pristine)):
+            return "the step without a clip changed the gradients", None
         return None, None
     total = float(returned) if returned is not None else case.true_norm
     rel_error = abs(total - case.true_norm) / case.true_norm

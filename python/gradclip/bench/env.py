@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -30,6 +31,57 @@ def load_average() -> Optional[float]:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
+
+
+def _busy_jiffies() -> Optional[tuple]:
+    """(jiffies every CPU spent busy, jiffies this process spent) from /proc:
+    their difference over a run is what other processes (and the hypervisor,
+    as steal time) took from the machine meanwhile."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat", encoding="utf-8") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy, int(own[11]) + int(own[12])  # utime + stime, all threads
+
+
+class Quietness:
+    """How busy the machine was with other work while a benchmark ran.
+
+    The 1-minute load average is recorded at the start and the end, as people
+    read it, but at the end it mostly counts the benchmark's own threads; the
+    verdict ``noisy`` therefore rests on the CPU time that *other* processes
+    took during the run (from /proc/stat less this process's own time), and
+    on the load average at the start where /proc is missing."""
+
+    # Other work averaging more than this fraction of the cores makes a run noisy:
+    # on 2 cores, a compiler running a fifth of the time already moves medians by ~5%.
+    NOISY_SHARE = 0.1
+
+    def __init__(self) -> None:
+        self.loadavg_start = load_average()
+        self.start = time.monotonic()
+        self.jiffies = _busy_jiffies()
+
+    def finish(self, cpu_count: Optional[int]) -> Dict[str, Any]:
+        cores = cpu_count or 1
+        out: Dict[str, Any] = {"loadavg_start": self.loadavg_start, "loadavg_end": load_average(),
+                               "other_busy_cores": None}
+        end = _busy_jiffies()
+        wall = time.monotonic() - self.start
+        if self.jiffies and end and wall > 0:
+            hz = os.sysconf("SC_CLK_TCK")
+            others = (end[0] - self.jiffies[0]) - (end[1] - self.jiffies[1])
+            out["other_busy_cores"] = round(max(others, 0) / hz / wall, 3)
+            out["noisy"] = out["other_busy_cores"] > self.NOISY_SHARE * cores
+        else:
+            start = self.loadavg_start
+            out["noisy"] = start is not None and start > 0.5 * cores
+        return out
 
 
 def _git(args: list, cwd: Path) -> Optional[str]:
@@ -87,7 +139,6 @@ def collect(torch: Any, device: str) -> Dict[str, Any]:
         "platform": platform.platform(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
-    meta["loadavg_start"] = load_average()
     meta.update(source_commit())
     if device == "cuda":
         meta["cuda_runtime"] = torch.version.cuda

@@ -1,4 +1,4 @@
-"""Turning a run into a table (text or Markdown), JSON, CSV, and the check against the CPU targets."""
+"""Turning a run into a table (text or Markdown), JSON, CSV, and the check against the CPU goals."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .competitors import COMPETITORS
 
-SHORT = {"torch_foreach": "foreach", "torch_loop": "loop", "torch_compile": "compile", "numpy": "numpy"}
+SHORT = {"torch_foreach": "foreach", "torch_loop": "loop", "torch_compile": "compile", "numpy": "numpy",
+         "no_clip": "no clip", "gradclip": "gradclip"}
 
-# The targets set for gradclip on a 2-core CPU: (name, workload, dtype, mode, quantity, required).
+# The goals set for gradclip on a 2-core CPU: (what is measured, workload, dtype, mode, quantity, required).
 # "vs torch" is against the faster of foreach=True / foreach=False.
-CPU_TARGETS = (
+CPU_GOALS = (
     (">= 15x torch, 2000 small tensors (clipped)", "tiny-2000", "fp32", "norm-clip", "speedup", 15.0),
     (">= 15x torch, 2000 small tensors (not clipped)", "tiny-2000", "fp32", "norm-noclip", "speedup", 15.0),
     (">= 1.2x torch, 64M set clipped", "transformer-64m", "fp32", "norm-clip", "speedup", 1.2),
@@ -21,7 +22,19 @@ CPU_TARGETS = (
     (">= 2x torch, 64M set bf16 clipped", "transformer-64m", "bf16", "norm-clip", "speedup", 2.0),
     (">= 2x torch, 64M set bf16 not clipped", "transformer-64m", "bf16", "norm-noclip", "speedup", 2.0),
     (">= 85% of the two-pass floor, 64M set clipped", "transformer-64m", "fp32", "norm-clip", "fraction", 0.85),
+    (">= 1.2x torch, clip + fused AdamW step, BERT-base fp32", "bert-base", "fp32", "step", "speedup", 1.2),
+    (">= 1.2x torch, clip + fused AdamW step, GPT-2 bf16", "gpt2-small", "bf16", "step", "speedup", 1.2),
+    ("clip adds <= 40% of torch's clip cost to the step, BERT-base fp32", "bert-base", "fp32", "step",
+     "cost_share", 0.4),
+    ("clip adds <= 40% of torch's clip cost to the step, GPT-2 bf16", "gpt2-small", "bf16", "step",
+     "cost_share", 0.4),
 )
+# Quantities a goal reads from gradclip's row; "cost_share" is met at or below the requirement.
+_GOAL_FIELDS = {"speedup": "speedup_vs_best_torch_eager", "fraction": "fraction_of_ceiling",
+                "cost_share": "clip_cost_share_of_torch"}
+
+# A goal's verdict: a noisy run is not judged, whatever it measured.
+MET, MISSED, NOT_JUDGED = "met", "missed", "not judged (noisy run)"
 
 
 def gradclip_rows(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -35,21 +48,42 @@ def _find(rows: Sequence[Dict[str, Any]], workload: str, dtype: str, mode: str, 
     return None
 
 
-def targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The CPU targets this run measured, each with the value and verdict."""
+def goals(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The CPU goals this run measured, each with the value and its verdict."""
     if result["meta"]["device"] != "cpu":
         return []
+    noisy = bool(result["meta"].get("noisy"))
     out = []
-    for name, workload, dtype, mode, quantity, required in CPU_TARGETS:
+    for name, workload, dtype, mode, quantity, required in CPU_GOALS:
         row = _find(result["rows"], workload, dtype, mode)
         if row is None or row.get("median_s") is None:
             continue
-        value = row.get("speedup_vs_best_torch_eager") if quantity == "speedup" else row.get("fraction_of_ceiling")
+        value = row.get(_GOAL_FIELDS[quantity])
         if value is None:
             continue
-        out.append({"target": name, "workload": workload, "dtype": dtype, "mode": mode, "quantity": quantity,
-                    "required": required, "measured": value, "met": bool(value >= required)})
+        met = value <= required if quantity == "cost_share" else value >= required
+        verdict = NOT_JUDGED if noisy else (MET if met else MISSED)
+        out.append({"goal": name, "workload": workload, "dtype": dtype, "mode": mode, "quantity": quantity,
+                    "required": required, "measured": value, "verdict": verdict})
     return out
+
+
+def conditions(meta: Dict[str, Any]) -> str:
+    """The run's conditions in one line: the machine, full or --quick, the load
+    average at the start and the end, and whether other work made it noisy."""
+    hw = meta["gpu_name"] if meta["device"] == "cuda" else f"{meta['cpu_model']}, {meta['cpu_count']} cores"
+
+    def load(v: Optional[float]) -> str:
+        return "?" if v is None else f"{v:.2f}"
+
+    text = (f"{hw}; {'--quick run' if meta.get('quick') else 'full run'}; load average {load(meta.get('loadavg_start'))} "
+            f"at the start, {load(meta.get('loadavg_end'))} at the end")
+    others = meta.get("other_busy_cores")
+    if others is not None:
+        text += f"; other processes used {others:.2f} cores on average"
+    if "noisy" in meta:
+        text += "; NOISY: other work ran beside it" if meta["noisy"] else "; quiet"
+    return text
 
 
 # ---------------------------------------------------------------------------
@@ -86,7 +120,7 @@ def _table_rows(result: Dict[str, Any], dtype: Optional[str] = None) -> List[Lis
         line = [
             g["workload"], g["dtype"], g["mode"], str(g["tensors"]), f"{g['elements'] / 1e6:.1f}M",
             f"{_fmt_time(g['median_s'])} ({_fmt_time(g['p20_s'])}-{_fmt_time(g['p80_s'])})",
-            f"{g['effective_gbs']:.1f}", _pct(g["fraction_of_ceiling"]),
+            "-" if g.get("effective_gbs") is None else f"{g['effective_gbs']:.1f}", _pct(g["fraction_of_ceiling"]),
         ]
         line += [_x(g.get(f"speedup_vs_{c}")) for c in comps]
         line.append(_pct(max(torch_fracs)) if torch_fracs else "-")
@@ -106,7 +140,9 @@ def caption(result: Dict[str, Any]) -> str:
         f"Ceilings measured in the same run on {c['buffer_bytes'] >> 20} MiB: read {c['read_gbs']:.1f} GB/s, "
         f"read+write {c['read_write_gbs']:.1f} GB/s. 'of ceiling' = time floor / median, where the floor is one "
         f"read pass (norm-noclip), read + read/write passes (norm-clip) or one read/write pass (value-clip); "
-        f"'vs X' = X's median / gradclip's median."
+        f"in the step mode (clip + fused AdamW step) 'of ceiling' is one read pass / the clip's added cost "
+        f"(the step's median less the step alone's); "
+        f"'vs X' = X's median / gradclip's median. Conditions: {conditions(m)}."
     )
 
 
@@ -128,14 +164,34 @@ def markdown_table(result: Dict[str, Any], dtype: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
-def targets_text(ts: Sequence[Dict[str, Any]]) -> str:
-    if not ts:
+def goals_text(gs: Sequence[Dict[str, Any]]) -> str:
+    if not gs:
         return ""
-    lines = ["Targets (vs the faster of torch foreach=True/False):"]
-    for t in ts:
-        value = _x(t["measured"]) if t["quantity"] == "speedup" else _pct(t["measured"])
-        lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {value}")
+    lines = ["Goals (speedups against the faster of torch foreach=True/False):"]
+    for g in gs:
+        value = _x(g["measured"]) if g["quantity"] == "speedup" else _pct(g["measured"])
+        lines.append(f"  {g['goal']}: {value}, {g['verdict']}")
     return "\n".join(lines)
+
+
+def step_text(result: Dict[str, Any]) -> str:
+    """The step mode in words: each contender's step, and what its clip adds to
+    the step alone, in milliseconds and in read passes of the gradients."""
+    lines = []
+    for g in gradclip_rows(result["rows"]):
+        if g["mode"] != "step" or g.get("median_s") is None:
+            continue
+        parts = []
+        for r in result["rows"]:
+            if (r["workload"], r["dtype"], r["mode"]) != (g["workload"], g["dtype"], "step") or not r.get("median_s"):
+                continue
+            cost = r.get("clip_cost_s")
+            extra = "" if cost is None else f" (clip {cost * 1e3:+.1f} ms = {r['clip_cost_read_passes']:.2f} read passes)"
+            parts.append(f"{SHORT.get(r['contender'], r['contender'])} {r['median_s'] * 1e3:.1f} ms{extra}")
+        share = g.get("clip_cost_share_of_torch")
+        tail = "" if share is None else f"; gradclip's clip costs {_pct(share)} of torch's"
+        lines.append(f"  {g['workload']} {g['dtype']}: " + ", ".join(parts) + tail)
+    return ("Clip + fused AdamW step (the step alone = no clip):\n" + "\n".join(lines)) if lines else ""
 
 
 def skipped_text(result: Dict[str, Any]) -> str:
@@ -165,25 +221,35 @@ def write_json(result: Dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n", encoding="utf-8")
 
 
+# Conditions of the whole run, repeated on every CSV row so that no row can be read without them.
+_RUN_COLUMNS = ("device_name", "quick", "loadavg_start", "loadavg_end", "other_busy_cores", "noisy", "commit",
+                "timestamp")
+
+
 def write_csv(result: Dict[str, Any], path: Path) -> None:
     keys: List[str] = list(_FIRST_COLUMNS)
     for r in result["rows"]:
         keys += [k for k in r if k not in keys]
+    keys += [f"run_{k}" for k in _RUN_COLUMNS]
+    run = {f"run_{k}": result["meta"].get(k, "") for k in _RUN_COLUMNS}
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in result["rows"]:
-            w.writerow({k: r.get(k, "") for k in keys})
+            w.writerow({**{k: r.get(k, "") for k in keys}, **run})
 
 
 def write_markdown(result: Dict[str, Any], path: Path) -> None:
     """One table per dtype (a README can take the one it needs), then the caption."""
-    parts: List[str] = []
+    parts: List[str] = [f"Run: {conditions(result['meta'])}.", ""]
     for dtype in ("fp32", "bf16", "fp16"):
         if any(r["dtype"] == dtype for r in result["rows"]):
             parts += [f"### {dtype}", "", markdown_table(result, dtype), ""]
     parts.append(caption(result))
-    t = targets_text(result.get("targets", []))
+    st = step_text(result)
+    if st:
+        parts += ["", "```", st, "```"]
+    t = goals_text(result.get("goals", []))
     if t:
         parts += ["", "```", t, "```"]
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")

@@ -14,7 +14,7 @@ from . import env as _env
 from . import workloads as _workloads
 from .competitors import (
     CLIP_FRACTION, CONTENDERS, COMPETITORS, GRAD_STD, LABELS, MODE_OPS, MODES, NOCLIP_FACTOR, VALUE_CLIP, Case,
-    Options, Skip, build, check, float64_norm,
+    Options, Skip, applies, build, check, float64_norm,
 )
 from .timing import RoundPolicy, Stats, interleaved
 
@@ -70,6 +70,10 @@ def _bytes_and_floor(mode: str, nbytes: int, ceil: Dict[str, Any]) -> Tuple[int,
         return nbytes, nbytes / read, "read"
     if mode == "norm-clip":
         return 3 * nbytes, nbytes / read + 2 * nbytes / rw, "read + read_write"
+    if mode == "step":
+        # The floor of the clip's share of a step: one read pass for the norm (the step
+        # itself can apply the coefficient). Compared with the clip's added cost, not the step.
+        return nbytes, nbytes / read, "read (the clip's added cost)"
     return 2 * nbytes, 2 * nbytes / rw, "read_write"
 
 
@@ -113,7 +117,7 @@ class Gradients:
 
 
 def _limit(mode: str, true_norm: float) -> float:
-    if mode == "norm-clip":
+    if mode in ("norm-clip", "step"):
         return CLIP_FRACTION * true_norm
     if mode == "norm-noclip":
         return NOCLIP_FACTOR * true_norm
@@ -147,11 +151,13 @@ def run(config: Config, progress: Optional[ProgressFn] = None) -> Dict[str, Any]
     report = progress or (lambda frac, label: None)
     options = Options(compile_max_tensors=config.compile_max_tensors)
 
+    quietness = _env.Quietness()
     meta = _env.collect(torch, config.device)
     meta["quick"] = config.quick
-    busy = meta["loadavg_start"]
-    if busy is not None and config.device == "cpu" and busy > 0.5 * (meta["cpu_count"] or 1):
-        _warn(f"load average {busy} on {meta['cpu_count']} cores: other processes are running, timings will be noisy")
+    busy = quietness.loadavg_start
+    if busy is not None and busy > 0.5 * (meta["cpu_count"] or 1):
+        _warn(f"load average {busy} on {meta['cpu_count']} cores at the start: if other processes are running, "
+              "timings will be noisy")
     cases = plan(config)
     # Progress weights: bytes each case touches (gradients x contenders), plus the ceilings.
     weights = [
@@ -178,6 +184,11 @@ def run(config: Config, progress: Optional[ProgressFn] = None) -> Dict[str, Any]
                 index += 1
             del grads
     report(1.0, "done")
+    meta.update(quietness.finish(meta["cpu_count"]))
+    if meta["noisy"]:
+        from .report import conditions
+
+        _warn(f"{conditions(meta)}: the results are marked noisy and no goal is judged")
     return {
         "schema": "gradclip-bench/1",
         "meta": meta,
@@ -185,6 +196,26 @@ def run(config: Config, progress: Optional[ProgressFn] = None) -> Dict[str, Any]
         "ceilings": ceil,
         "rows": rows,
     }
+
+
+def _clip_costs(rows: Dict[str, Dict[str, Any]], stats: Dict[str, Stats], read_pass_s: float) -> None:
+    """Step mode: what the clip adds to the step (median less the step alone's),
+    in seconds and in read passes of the gradients; for gradclip also as a share
+    of the faster torch clip's added cost. Bandwidth and 'of ceiling' then
+    describe the clip's cost, not the whole step."""
+    bare = stats.get("no_clip")
+    for name, row in rows.items():
+        row["effective_gbs"] = row["fraction_of_ceiling"] = None
+        if bare is None or name not in stats or name == "no_clip":
+            continue
+        cost = stats[name].median - bare.median
+        row["clip_cost_s"] = cost
+        row["clip_cost_read_passes"] = cost / read_pass_s
+        row["fraction_of_ceiling"] = read_pass_s / cost if cost > 0 else None
+    torch_costs = [rows[n]["clip_cost_s"] for n in ("torch_foreach", "torch_loop") if "clip_cost_s" in rows.get(n, {})]
+    g = rows.get("gradclip", {})
+    if torch_costs and "clip_cost_s" in g and min(torch_costs) > 0:
+        g["clip_cost_share_of_torch"] = g["clip_cost_s"] / min(torch_costs)
 
 
 def _config_dict(config: Config) -> Dict[str, Any]:
@@ -226,6 +257,8 @@ def _run_case(torch: Any, config: Config, options: Options, meta: Dict[str, Any]
     extra: Dict[str, Dict[str, Any]] = {}
     rows: Dict[str, Dict[str, Any]] = {}
     for name in config.contenders:
+        if not applies(name, mode):
+            continue
         row = {**base, "contender": name, "label": LABELS[name], "status": "ok"}
         rows[name] = row
         try:
@@ -259,6 +292,8 @@ def _run_case(torch: Any, config: Config, options: Options, meta: Dict[str, Any]
             min_s=st.min, mean_s=st.mean, effective_gbs=moved / st.median / 1e9,
             fraction_of_ceiling=floor_s / st.median, **extra[name],
         )
+    if mode == "step":
+        _clip_costs(rows, stats, floor_s)
     ref = stats.get("gradclip")
     for name, st in stats.items():
         if ref is None or name == "gradclip":
