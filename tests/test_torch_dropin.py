@@ -4,7 +4,9 @@ clip_grad_value_, against the float64 reference and against torch itself."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -723,3 +725,227 @@ def test_max_norm_inf_never_clips_finite_grads(dtype):
         assert_bitwise_equal(a.grad, g)
         if dtype in (torch.float32, torch.float64):
             assert_bitwise_equal(a.grad, b.grad)
+
+
+# --------------------------------------------------------------------------
+# Exception types against torch's: the README's table ("Semantics, and the
+# differences from torch"), row by row. A row's gradclip cell says "aligned"
+# exactly when gradclip's exception is an instance of torch's for every call.
+# --------------------------------------------------------------------------
+
+TORCH_213 = torch.__version__.startswith("2.13.")  # the version the table documents
+
+
+def _holder(grad):
+    """A parameter holding ``grad`` (a plain tensor where torch refuses a
+    Parameter of that dtype, e.g. int64)."""
+    like = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
+    try:
+        param = torch.nn.Parameter(like)
+    except RuntimeError:  # only floating point and complex tensors can require grad
+        param = like
+    param.grad = grad
+    return param
+
+
+def _big(seed=0, shape=(4, 5)):
+    """A float32 gradient that any max_norm / clip_value below 1 would change."""
+    return make_torch(shape, torch.float32, seed, scale=100.0)
+
+
+def _odd(dtype):
+    return (torch.arange(6).reshape(2, 3) % 3).to(dtype)
+
+
+def _sparse():
+    return torch.sparse_coo_tensor([[0, 2]], [3.0, 4.0], (5,), check_invariants=True)
+
+
+def _overlapping():
+    base = make_torch(10, torch.float32, 5, scale=100.0)
+    return [base[:6], base[4:]]
+
+
+def _with_bad(value):
+    grads = [_big(0), _big(1, (7,))]
+    grads[1][3] = value
+    return grads
+
+
+def _call(fn, grads_or_tensors, *args, params=True, **kwargs):
+    """(function name, maker): the maker gives fresh inputs each time:
+    (args, kwargs, the tensors that must be unchanged after an error)."""
+    def make():
+        items = grads_or_tensors()
+        first = [_holder(g) for g in items] if params else items
+        watched = [g for g in items if isinstance(g, torch.Tensor)]
+        return (first, *args), dict(kwargs), watched
+    return fn, make
+
+
+NO_ERROR = None
+# README row -> [(call, torch's exception, gradclip's exception)]
+EXCEPTION_CASES = {
+    "nonfinite total norm with `error_if_nonfinite=True`": [
+        (_call("clip_grad_norm_", lambda: _with_bad(NAN), 1e-3, error_if_nonfinite=True), RuntimeError, RuntimeError),
+        (_call("clip_grad_norm_", lambda: _with_bad(INF), 1e-3, error_if_nonfinite=True), RuntimeError, RuntimeError),
+        (_call("get_total_norm", lambda: _with_bad(NAN), params=False, error_if_nonfinite=True),
+         RuntimeError, RuntimeError),
+    ],
+    "negative or NaN `max_norm` / `clip_value`": [
+        (_call("clip_grad_norm_", lambda: [_big()], -1.0), NO_ERROR, ValueError),
+        (_call("clip_grads_with_norm_", lambda: [_big()], NAN, torch.tensor(1e3)), NO_ERROR, ValueError),
+        (_call("clip_grad_value_", lambda: [_big()], -1.0), NO_ERROR, ValueError),
+        (_call("clip_grad_value_", lambda: [_big()], NAN), NO_ERROR, ValueError),
+    ],
+    "`norm_type` 0, negative or NaN": [
+        (_call("clip_grad_norm_", lambda: [_big()], 1e-3, norm_type=0), NO_ERROR, ValueError),
+        (_call("clip_grad_norm_", lambda: [_big()], 1e-3, norm_type="-inf"), NO_ERROR, ValueError),
+        (_call("get_total_norm", lambda: [_big()], params=False, norm_type=-1.0), NO_ERROR, ValueError),
+        (_call("get_total_norm", lambda: [_big()], params=False, norm_type=NAN), NO_ERROR, ValueError),
+    ],
+    "`norm_type`, `max_norm` or `clip_value` of another type (`None`, a list)": [
+        (_call("clip_grad_norm_", lambda: [_big()], None), TypeError, TypeError),
+        (_call("clip_grad_norm_", lambda: [_big()], 1e-3, norm_type=None), TypeError, TypeError),
+        (_call("get_total_norm", lambda: [_big()], params=False, norm_type=[2.0]), TypeError, TypeError),
+        (_call("clip_grad_value_", lambda: [_big()], [1.0]), TypeError, TypeError),
+        (_call("clip_grads_with_norm_", lambda: [_big()], None, torch.tensor(1e3)), TypeError, TypeError),
+    ],
+    "a string that is not a number (`norm_type='fro'`)": [
+        (_call("clip_grad_norm_", lambda: [_big()], 1e-3, norm_type="fro"), ValueError, TypeError),
+        (_call("get_total_norm", lambda: [_big()], params=False, norm_type="nuc"), ValueError, TypeError),
+        (_call("clip_grad_value_", lambda: [_big()], "abc"), ValueError, TypeError),
+    ],
+    "integer, bool or float8 gradients": [
+        (_call("clip_grad_norm_", lambda: [_big(), _odd(torch.int64)], 1e-3), RuntimeError, TypeError),
+        (_call("get_total_norm", lambda: [_big(), _odd(torch.bool)], params=False), RuntimeError, TypeError),
+        (_call("clip_grad_value_", lambda: [_big(), _odd(torch.int32)], 1e-3), RuntimeError, TypeError),
+        (_call("clip_grads_with_norm_", lambda: [_big(), _odd(torch.int64)], 1e-3, torch.tensor(1e3)),
+         RuntimeError, TypeError),
+        (_call("clip_grad_norm_", lambda: [_big(), _odd(torch.float8_e4m3fn)], 1e-3), NotImplementedError, TypeError),
+    ],
+    "complex gradients": [
+        (_call("clip_grad_norm_", lambda: [_big(), _odd(torch.complex64)], 1e-3), NO_ERROR, TypeError),
+        (_call("get_total_norm", lambda: [_big(), _odd(torch.complex64)], params=False), NO_ERROR, TypeError),
+        (_call("clip_grad_value_", lambda: [_big(), _odd(torch.complex64)], 1e-3), NotImplementedError, TypeError),
+    ],
+    "sparse, nested or meta tensors (also meta beside CPU tensors)": [
+        (_call("clip_grad_norm_", lambda: [_big(), _sparse()], 1e-3), NotImplementedError, ValueError),
+        (_call("clip_grad_value_", lambda: [_big(), _sparse()], 1e-3), NotImplementedError, ValueError),
+        (_call("clip_grads_with_norm_", lambda: [_big(), _sparse()], 1e-3, torch.tensor(1e3)), NO_ERROR, ValueError),
+        (_call("get_total_norm", lambda: [torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])], params=False),
+         NotImplementedError, ValueError),
+        (_call("clip_grad_norm_", lambda: [_big(), torch.ones(3, device="meta")], 1e-3),
+         NotImplementedError, ValueError),
+        (_call("clip_grad_value_", lambda: [_big(), torch.ones(3, device="meta")], 1e-3), NO_ERROR, ValueError),
+    ],
+    "gradients strided with gaps (`g[::2]`) or partially overlapping": [
+        (_call("clip_grad_norm_", lambda: [_big(), make_torch(20, torch.float32, 4, 100.0)[::2]], 1e-3),
+         NO_ERROR, ValueError),
+        (_call("clip_grad_norm_", _overlapping, 1e-3), NO_ERROR, ValueError),
+        (_call("clip_grad_value_", _overlapping, 1e-3), NO_ERROR, ValueError),
+    ],
+    "items that are not tensors (`[1.0, 2.0]`)": [
+        (_call("clip_grad_norm_", lambda: [1.0, 2.0], 1e-3, params=False), AttributeError, TypeError),
+        (_call("clip_grad_value_", lambda: [1.0, 2.0], 1e-3, params=False), AttributeError, TypeError),
+        (_call("clip_grads_with_norm_", lambda: [1.0, 2.0], 1e-3, 5.0, params=False), AttributeError, TypeError),
+        (_call("get_total_norm", lambda: [1.0, 2.0], params=False), AttributeError, TypeError),
+    ],
+    "`parameters` not iterable (`None`, a float)": [
+        (("clip_grad_norm_", lambda: ((None, 1.0), {}, [])), TypeError, TypeError),
+        (("get_total_norm", lambda: ((2.5,), {}, [])), TypeError, TypeError),
+    ],
+    "`get_total_norm` of NumPy arrays": [
+        (("get_total_norm", lambda: (([np.ones(3, np.float32)],), {}, [])), TypeError, TypeError),
+    ],
+    "`clip_grads_with_norm_`: `total_norm` of shape (2,) / of shape (1,) / an integer tensor": [
+        (_call("clip_grads_with_norm_", lambda: [_big()], 1e-3, torch.tensor([1e3, 1e3])), RuntimeError, ValueError),
+        (_call("clip_grads_with_norm_", lambda: [_big()], 1e-3, torch.tensor([1e3])), RuntimeError, NO_ERROR),
+        (_call("clip_grads_with_norm_", lambda: [_big()], 1e-3, torch.tensor(1000)), NO_ERROR, TypeError),
+    ],
+    "no gradients (`[]`, or every `.grad` None)": [
+        (_call("clip_grad_value_", lambda: [], 1.0), RuntimeError, NO_ERROR),
+        (("clip_grad_value_", lambda: (([torch.nn.Parameter(torch.zeros(3))], 1.0), {}, [])), RuntimeError, NO_ERROR),
+        (_call("clip_grad_norm_", lambda: [], 1.0), NO_ERROR, NO_ERROR),
+        (_call("get_total_norm", lambda: [], params=False), NO_ERROR, NO_ERROR),
+        (_call("clip_grads_with_norm_", lambda: [], 1.0, torch.tensor(1.0)), NO_ERROR, NO_ERROR),
+    ],
+}
+
+
+def _bits(t):
+    if t.is_meta or t.is_nested:
+        return None
+    if t.layout != torch.strided:
+        return _bits(t.coalesce().values())
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def _quietly(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's warnings on odd inputs (nested tensors) are not the subject here
+        return fn(*args, **kwargs)
+
+
+def _raised(fn, args, kwargs):
+    try:
+        _quietly(fn, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the exception is the result
+        return e
+    return None
+
+
+def _exception_cases():
+    for row, calls in EXCEPTION_CASES.items():
+        for k, ((name, make), theirs, ours) in enumerate(calls):
+            slug = re.sub(r"\W+", "-", row).strip("-")[:40]
+            yield pytest.param(name, make, theirs, ours, id=f"{slug}-{k}-{name}")
+
+
+@pytest.mark.parametrize("name, make, theirs, ours", list(_exception_cases()))
+def test_exception_type_against_torch(name, make, theirs, ours):
+    if TORCH_213:  # the torch column of the table: torch 2.13's behaviour
+        args, kwargs, _ = _quietly(make)
+        got = _raised(getattr(torch.nn.utils, name), args, kwargs)
+        assert type(got) is (theirs or type(None)), f"torch.nn.utils.{name} raised {got!r}, table says {theirs}"
+    args, kwargs, watched = _quietly(make)
+    before = [_bits(t) for t in watched]
+    got = _raised(getattr(gradclip, name), args, kwargs)
+    assert type(got) is (ours or type(None)), f"gradclip.{name} raised {got!r}, table says {ours}"
+    if ours is not None and theirs is not None and issubclass(ours, theirs):
+        assert isinstance(got, theirs)  # aligned: `except <torch's type>` catches gradclip's
+    if got is not None:
+        for i, (t, b) in enumerate(zip(watched, before)):
+            if b is not None:
+                assert torch.equal(_bits(t), b), f"input {i} was modified although gradclip.{name} raised {got!r}"
+
+
+def _readme_exception_table():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    header = "| case | torch 2.13 raises | gradclip raises |"
+    assert header in text, "the README's exception table is gone"
+    rows = {}
+    for line in text[text.index(header):].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        assert len(cells) == 3, f"README exception table: a row without 3 cells: {line!r}"
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_readme_exception_table_agrees_with_these_cases():
+    rows = _readme_exception_table()
+    assert list(rows) == list(EXCEPTION_CASES), "README rows and EXCEPTION_CASES differ (names or order)"
+
+    def names(cell):
+        return set(re.findall(r"`(\w+(?:Error|Exception))`", cell))
+
+    for row, (torch_cell, ours_cell) in rows.items():
+        calls = EXCEPTION_CASES[row]
+        for cell, column in ((torch_cell, 1), (ours_cell, 2)):
+            types = [c[column] for c in calls]
+            assert names(cell) == {t.__name__ for t in types if t is not None}, f"{row!r}: {cell!r} vs {types}"
+            assert ("no error" in cell) == (None in types), f"{row!r}: {cell!r}: 'no error' iff a call raises none"
+        aligned = all(t is not None and o is not None and issubclass(o, t) for _, t, o in calls)
+        assert ("aligned" in ours_cell) == aligned, f"{row!r}: 'aligned' in {ours_cell!r} should be {aligned}"

@@ -51,6 +51,10 @@ def _total_as_tensor(items, result, of_grads: bool) -> "torch.Tensor":
     if not isinstance(total, float):
         return total
     first = items[result.first_index]
+    if not of_grads and not isinstance(first, torch.Tensor):
+        # torch's get_total_norm raises TypeError for NumPy arrays (nothing is written here).
+        raise TypeError(f"tensors[{result.first_index}]: {type(first).__module__}.{type(first).__name__} is not "
+                        "a torch tensor; for NumPy arrays and other DLPack producers use gradclip.global_norm")
     device = first.grad.device if of_grads else first.device
     return torch_scalar(torch, total, result, device)
 
