@@ -15,6 +15,7 @@ from . import _core, _device, torch_ops
 from .array_api import clip_by_global_norm_, clip_by_norm_, clip_by_value_, global_norm, normalize_, tensor_norms
 from .torch_api import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .adaptive import AutoClip, ZClip
+from .grad_buffer import GradBuffer
 from .patch import TorchPatch, patch_torch
 from .training import (
     ClipHandle,
@@ -41,6 +42,7 @@ __all__ = [
     "AutoClip",
     "ClipHandle",
     "CsvLogger",
+    "GradBuffer",
     "NonfiniteGradientError",
     "StepRecord",
     "TensorBoardLogger",

@@ -109,14 +109,9 @@ def clip_grad_norm_(
     limit = nonnegative(max_norm, "max_norm")
     nonfinite = _NONFINITE[bool(error_if_nonfinite)]
     if process_group is None and replicated is None:
-        result = _core.clip(params, kind="global", limits=[limit], order=p, eps=_EPS, nonfinite=nonfinite,
-                            argname="parameters", grad_attr=True, split_devices=True)
-        if result.items_by_device is None:
-            if error_if_nonfinite and not total_is_finite(result):
-                raise nonfinite_error(p)
-            return _total_as_tensor(params, result, of_grads=True)
-        if _core.NO_MEMORY not in result.devices:
-            return _clip_across_devices(params, result, limit, p, nonfinite)
+        total = clip_norm_local(params, limit, p, nonfinite, of_grads=True)
+        if total is not None:
+            return total
     # DTensor gradients, or shards over process groups: one combine over the ranks.
     result, total = distributed.combined_clip(params, kind="global", limits=[limit], order=p, eps=_EPS,
                                               nonfinite=nonfinite, argname="parameters", grad_attr=True,
@@ -129,6 +124,22 @@ def clip_grad_norm_(
 # What a nonfinite total does, by error_if_nonfinite: hold (write nothing, then
 # raise), or propagate as torch does.
 _NONFINITE = {True: "error", False: "propagate"}
+
+
+def clip_norm_local(items, limit: float, p: float, nonfinite: str, of_grads: bool) -> Optional["torch.Tensor"]:
+    """torch's global-norm clip of ``items`` (their ``.grad`` when ``of_grads``)
+    in this process; returns the total norm as torch does, or None when a
+    DTensor (memory this process cannot read whole) needs the distributed path."""
+    argname = "parameters" if of_grads else "tensors"
+    result = _core.clip(items, kind="global", limits=[limit], order=p, eps=_EPS, nonfinite=nonfinite,
+                        argname=argname, grad_attr=of_grads, split_devices=True)
+    if result.items_by_device is None:
+        if nonfinite == "error" and not total_is_finite(result):
+            raise nonfinite_error(p)
+        return _total_as_tensor(items, result, of_grads=of_grads)
+    if _core.NO_MEMORY not in result.devices:
+        return _clip_across_devices(items, result, limit, p, nonfinite, of_grads)
+    return None
 
 
 def _combine_across_devices(params, split, p: float, of_grads: bool, nonfinite: str = "propagate"):
@@ -154,11 +165,11 @@ def _combine_across_devices(params, split, p: float, of_grads: bool, nonfinite: 
     return [finisher(k) for k in range(len(local))]
 
 
-def _clip_across_devices(params, split, limit: float, p: float, nonfinite: str) -> "torch.Tensor":
-    finishers = _combine_across_devices(params, split, p, of_grads=True, nonfinite=nonfinite)
+def _clip_across_devices(params, split, limit: float, p: float, nonfinite: str, of_grads: bool) -> "torch.Tensor":
+    finishers = _combine_across_devices(params, split, p, of_grads=of_grads, nonfinite=nonfinite)
     # Every device holds, or none does: they finish with the same stack.
     results = [finish(kind="global", limits=[limit]) for finish in finishers]
-    total = _total_as_tensor(params, results[0], of_grads=True)
+    total = _total_as_tensor(params, results[0], of_grads=of_grads)
     if nonfinite == "error" and not total_is_finite(results[0]):
         raise nonfinite_error(p)
     return total
