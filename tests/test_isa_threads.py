@@ -371,3 +371,24 @@ def test_pool_survives_many_back_to_back_runs_with_oversubscribed_threads():
         f"thread pool stress: {outcomes} (\"hung\": a call never returned: the caller waits "
         "forever for workers that already left)"
     )
+
+
+def test_a_thread_cap_holds_for_the_calling_thread_alone(restore_threads):
+    gradclip.set_num_threads(2)
+    seen = {}
+
+    def other():
+        seen["other"] = _core.num_threads()
+
+    previous = _core.limit_calling_thread(1)
+    try:
+        assert previous == 0 and _core.num_threads() == 1
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        xs = mixed_list([PARALLEL_MIN_ELEMS * 2 + 17], seed=77)
+        capped = float(gradclip.global_norm(xs))
+    finally:
+        assert _core.limit_calling_thread(previous) == 1
+    assert seen["other"] == 2 and _core.num_threads() == 2
+    assert float(gradclip.global_norm(xs)) == capped  # the thread count changes no bit

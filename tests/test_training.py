@@ -554,7 +554,7 @@ def test_attach_and_clip_gradients_share_one_declaration_of_the_options():
     from gradclip.training.options import clip_options
 
     options = list(inspect.signature(clip_options).parameters)
-    for fn, own in ((gradclip.attach, ["optimizer", "named_parameters", "on_step", "fold"]),
+    for fn, own in ((gradclip.attach, ["optimizer", "named_parameters", "on_step", "fold", "measure_in_backward"]),
                     (gradclip.clip_gradients_, ["parameters", "named_parameters"])):
         params = inspect.signature(fn).parameters
         assert list(params) == own[:1] + options + own[1:], fn.__name__

@@ -330,4 +330,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_active_isa", [](const std::string& name) { cpu::set_active_isa(name); }, py::arg("name"));
   m.def("num_threads", [] { return ThreadPool::instance().num_threads(); });
   m.def("set_num_threads", [](int n) { ThreadPool::instance().set_num_threads(n); }, py::arg("n"));
+  m.def("limit_calling_thread", [](int n) { return ThreadPool::limit_calling_thread(n); }, py::arg("n"));
 }

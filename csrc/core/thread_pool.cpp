@@ -122,6 +122,20 @@ ThreadPool& ThreadPool::instance() {
 
 void ThreadPool::set_num_threads(int n) { num_threads_ = n > 0 ? n : default_threads(); }
 
+namespace {
+thread_local int t_thread_cap = 0;  // limit_calling_thread(); 0: none
+}  // namespace
+
+int ThreadPool::num_threads() const {
+  return t_thread_cap > 0 ? std::min(num_threads_, t_thread_cap) : num_threads_;
+}
+
+int ThreadPool::limit_calling_thread(int n) {
+  const int previous = t_thread_cap;
+  t_thread_cap = n > 0 ? n : 0;
+  return previous;
+}
+
 void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& task) {
   if (!start(n_tasks, task)) {
     for (int64_t i = 0; i < n_tasks; ++i) task(i);
@@ -131,7 +145,7 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& task) 
 }
 
 bool ThreadPool::start(int64_t n_tasks, const std::function<void(int64_t)>& task) {
-  const int helpers = static_cast<int>(std::min<int64_t>(num_threads_, n_tasks)) - 1;
+  const int helpers = static_cast<int>(std::min<int64_t>(num_threads(), n_tasks)) - 1;
   if (helpers <= 0) return false;
   State& s = *state_;
   if (!s.run_mu.try_lock()) return false;  // another caller's run: this one works alone

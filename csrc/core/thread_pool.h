@@ -20,9 +20,15 @@ class ThreadPool {
   // worker threads do not exist there).
   static ThreadPool& instance();
 
-  int num_threads() const { return num_threads_; }
+  // The threads a run() started from the calling thread may use: the pool's
+  // count, capped by that thread's own limit, if it set one.
+  int num_threads() const;
   // n <= 0 means "all hardware threads". Takes effect for the next run().
   void set_num_threads(int n);
+  // Caps the runs the calling thread starts at n threads (0: no cap) and returns
+  // the previous cap. Other threads are unaffected: a cap set inside an autograd
+  // hook does not reach a clip that another thread runs meanwhile.
+  static int limit_calling_thread(int n);
 
   // Calls task(i) for every i in [0, n_tasks), spread over the pool and the
   // calling thread; returns when all are done. Which thread runs which task is

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
 from .. import _core, _seam, distributed
+from .backward_norms import BackwardNorms
 from .options import KIND_OF_OPTION, ClipOptions
 from .records import NonfiniteGradientError, StepRecord
 
@@ -62,17 +64,22 @@ class Engine:
             clip_coef = float(coefs.min())
         return self._record(step, r, names, clip_coef=clip_coef, clipped=r.written, skipped=held)
 
-    def measure(self, params: Sequence[Any], names: Sequence[str], grad_scale: float = 1.0):
+    def measure(self, params: Sequence[Any], names: Sequence[str], grad_scale: float = 1.0,
+                early: Optional[BackwardNorms] = None):
         """The clip's norms without its writes, for a fused optimizer to fold the
         coefficient into its step (one read pass; 'zero' still repairs). The
         gradients may carry a GradScaler's ``grad_scale``; the record is of the
-        unscaled ones. Returns ``(record, coefficient)``; the coefficient is 1
-        when the step is held ('skip'; 'error' raises)."""
+        unscaled ones. ``early``: norms measured during backward, used where
+        still true (the rest are read now). Returns ``(record, coefficient)``;
+        the coefficient is 1 when the step is held ('skip'; 'error' raises)."""
         step = self.steps
         self.steps += 1
         o = self.options
-        r = _core.clip(params, kind="none", order=o.p, nonfinite=o.nonfinite, argname="parameters", grad_attr=True,
-                       report=True)
+        if early is None:
+            r = _core.clip(params, kind="none", order=o.p, nonfinite=o.nonfinite, argname="parameters",
+                           grad_attr=True, report=True)
+        else:
+            r = self._with_backward_norms(params, early)
         held = self._held(r, names)
         total = float(r.total) / grad_scale
         coef = 1.0 if held else _core.clip_coefficient(o.default_limit, total, o.eps)
@@ -81,6 +88,36 @@ class Engine:
         if grad_scale != 1.0:
             record = dataclasses.replace(record, total_norm=total, _norms=r.norms / grad_scale)
         return record, coef
+
+    def _with_backward_norms(self, params: Sequence[Any], early: BackwardNorms) -> Any:
+        """What ``_core.clip(kind='none', report=True)`` reports, from the norms
+        measured during backward plus one fused read of every other gradient: the
+        partial power sums of both are folded by the engine (one stack), so the
+        total is the one the plain call computes, up to the order of the fold."""
+        o = self.options
+        rest, early_rows, early_items = [], [], []
+        for i, p in enumerate(params):
+            m = early.take(p) if p.grad is not None else None
+            if m is None:
+                rest.append(i)
+            else:
+                early_items.append((i, m[3], m[4]))
+                early_rows.append(m[2])
+        local = _seam.reduce(params, order=o.p, argname="parameters", grad_attr=True, only=rest)
+        if not early_rows:
+            return local.finish(kind="none", nonfinite=o.nonfinite, report=True)
+        stack = np.concatenate([np.asarray(local.partials)[None], np.asarray(early_rows)[:, None, :]])
+        f64 = any(params[i].dtype.itemsize == 8 for i, _, _ in early_items)
+        r = local.finish(kind="none", nonfinite=o.nonfinite, combined=stack, report=True, result_f64=f64 or None)
+        # Per-tensor facts in list order: the read ones and the measured ones together.
+        norms = dict(zip(r.indices.tolist(), r.norms.tolist()))
+        norms.update((i, n) for i, n, _ in early_items)
+        indices = np.asarray(sorted(norms), dtype=np.int64)
+        bad = set(r.nonfinite_indices.tolist()) | {i for i, _, nonfinite in early_items if nonfinite}
+        return types.SimpleNamespace(
+            total=r.total, count=len(indices), zeroed=r.zeroed, nonfinite=bool(bad) or bool(r.nonfinite),
+            indices=indices, norms=np.asarray([norms[i] for i in indices.tolist()], dtype=np.float64),
+            nonfinite_indices=np.asarray(sorted(bad), dtype=np.int64))
 
     def _run_adaptive(self, params, names, step) -> StepRecord:
         # The norms first (nothing written, except zeroing under 'zero'), then

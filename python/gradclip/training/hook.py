@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from .backward_norms import BackwardNorms
 from .engine import Engine
 from .options import ClipOptions, check_limit, with_clip_options
 from .records import StepRecord, names_by_id
@@ -34,7 +35,8 @@ class ClipHandle:
     detaches the clip and restores ``optimizer.step``; ``last`` is the latest
     :class:`StepRecord`."""
 
-    def __init__(self, optimizer, engine: Engine, named_parameters, on_step, fold: Optional[bool] = None):
+    def __init__(self, optimizer, engine: Engine, named_parameters, on_step, fold: Optional[bool] = None,
+                 measure_in_backward: bool = False):
         _refuse_repeated_closures(optimizer)
         self.optimizer = optimizer
         self.fold = _can_fold(optimizer, engine.options) if fold is None else fold
@@ -43,6 +45,18 @@ class ClipHandle:
                 "fold=True: the coefficient can be folded only into a fused optimizer step (fused=True Adam, AdamW, "
                 "SGD, Adagrad) under one global_clipnorm limit (no adaptive clipper, per-group limits or "
                 "process_group)")
+        self._backward_norms: Optional[BackwardNorms] = None
+        if measure_in_backward:
+            if not self.fold:
+                raise ValueError(
+                    "measure_in_backward=True: the norms measured during backward are used by a folded clip, so it "
+                    "needs what folding needs (a fused=True Adam, AdamW, SGD or Adagrad under one global_clipnorm "
+                    "limit, fold not False)")
+            if engine.options.nonfinite == "zero":
+                raise ValueError("measure_in_backward=True: nonfinite='zero' repairs gradients when they are read "
+                                 "at the step; use 'propagate', 'error' or 'skip'")
+            self._backward_norms = BackwardNorms(
+                (p for g in optimizer.param_groups for p in g["params"]), engine.options.p)
         self._scale_to_restore: Any = _UNSET
         self.last: Optional[StepRecord] = None
         self._engine = engine
@@ -100,6 +114,8 @@ class ClipHandle:
             return
         self._active = False
         self._hook.remove()
+        if self._backward_norms is not None:
+            self._backward_norms.remove()
         opt = self.optimizer
         if opt.__dict__.get("step") is self._wrapper:
             had_own, previous = self._previous_step
@@ -183,10 +199,14 @@ class ClipHandle:
             )
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0.0:
+            if self._backward_norms is not None:
+                self._backward_norms.clear()
             return  # GradScaler found infs: this fused optimizer's step will skip the update itself
         if self.fold and pools is None:
             record = self._fold_into_step(optimizer, params, scale)
         else:
+            if self._backward_norms is not None:
+                self._backward_norms.clear()  # per-group limits now: the folded path is not taken
             record = self._engine.run(params, pools, limits, self._names)
         self.last = record
         if self._on_step is not None:
@@ -201,7 +221,8 @@ class ClipHandle:
         gradient by it in its own pass, instead of a second pass rewriting them."""
         import torch
 
-        record, coef = self._engine.measure(params, self._names, 1.0 if scale is None else float(scale))
+        record, coef = self._engine.measure(params, self._names, 1.0 if scale is None else float(scale),
+                                            early=self._backward_norms)
         if not record.skipped:
             self._scale_to_restore = scale
             device = next((p.grad.device for p in params if p.grad is not None), None)
@@ -270,6 +291,7 @@ def attach(
     named_parameters: Optional[Iterable[Tuple[str, Any]]] = None,
     on_step: Optional[Callable[[StepRecord], Any]] = None,
     fold: Optional[bool] = None,
+    measure_in_backward: bool = False,
     options: ClipOptions,
 ) -> ClipHandle:
     """Clip the gradients of ``optimizer``'s parameters before every
@@ -301,5 +323,16 @@ def attach(
     stages) need ``process_group`` (and ``replicated`` for what every rank of
     the first group holds whole); FSDP1's flat parameters without it are
     refused rather than clipped by a local norm.
+
+    Fused optimizers (``fused=True`` Adam, AdamW, SGD, Adagrad) under one
+    ``global_clipnorm``: the clip only reads the gradients and hands the
+    coefficient to the step as its ``grad_scale`` (``fold``, default on where
+    it applies; ``fold=False`` rewrites the gradients before the step).
+    ``measure_in_backward=True`` also moves that read into backward: a
+    post-accumulate-grad hook on each CPU parameter of at least 32768 elements
+    reads its gradient right after autograd wrote it; the step uses those norms
+    while they are still true (same tensor, unchanged since) and reads the rest
+    in one call. Under gradient accumulation each backward measures again, so
+    the last micro-batch's (the final gradients') norms are used.
     """
-    return ClipHandle(optimizer, Engine(options), named_parameters, on_step, fold)
+    return ClipHandle(optimizer, Engine(options), named_parameters, on_step, fold, measure_in_backward)
