@@ -41,7 +41,7 @@ def test_training_equals_the_folded_clip_read_at_the_step(dtype, accumulate):
     plain, early = model(dtype), model(dtype)
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-2, fused=True)
     opt_early = torch.optim.AdamW(early.parameters(), lr=1e-2, fused=True)
-    h_plain = gradclip.attach(opt_plain, global_clipnorm=0.5)
+    h_plain = gradclip.attach(opt_plain, global_clipnorm=0.5, fold=True)  # bf16 folds only when asked
     h_early = gradclip.attach(opt_early, global_clipnorm=0.5, measure_in_backward=True)
     used = 0
     for step in range(20):
