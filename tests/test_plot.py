@@ -274,3 +274,20 @@ def test_a_row_without_quantiles_plots_without_whisker(close_figures):
     ax = _panels(plot.speedup_figure(result))[0]
     assert len(_bars(ax)) == 4 and len(_whiskers(ax)) == 2
     assert all(math.isfinite(v) for v in ax.get_xlim())
+
+
+def test_legend_colours_match_the_bars_of_a_contender_absent_from_the_first_panel(close_figures):
+    # The step mode's "the step alone" contender has bars only in the step panels.
+    result = make_result(("fp32",), ("norm-clip", "step"))
+    for r in [r for r in result["rows"] if r["mode"] == "step" and r["contender"] == "gradclip"]:
+        r["speedup_vs_no_clip"] = 0.75
+        result["rows"].append({**r, "contender": "no_clip", "median_s": 0.75 * r["median_s"],
+                               "p20_s": 0.7 * r["median_s"], "p80_s": 0.8 * r["median_s"]})
+    fig = plot.speedup_figure(result)
+    (legend,) = fig.legends
+    colours = {t.get_text(): tuple(h.get_facecolor()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    from matplotlib.colors import to_rgba
+
+    assert colours[plot.LABELS["no_clip"]] == to_rgba(plot.COLORS["no_clip"])
+    for contender in ("torch_foreach", "torch_loop", "no_clip"):
+        assert colours[plot.LABELS[contender]] == to_rgba(plot.COLORS[contender]), contender

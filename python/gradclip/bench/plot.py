@@ -192,7 +192,12 @@ def _bar_figure(result: Dict[str, Any], contenders: Sequence[str], bar: Callable
 
     # The legend is one row, read left to right in the order of `contenders`: its leftmost entry is the top bar
     # of every workload group, and so on down.
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    # Proxies in each contender's colour: a contender without a bar in the first panel (the step alone
+    # appears only in the step panels) would otherwise get matplotlib's default colour in the legend.
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=COLORS[c], label=LABELS[c]) for c in contenders]
+    labels = [LABELS[c] for c in contenders]
     top = 1 - top_h / fig_h
     legend_font = 8
     legend = fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, top), ncol=len(handles),
