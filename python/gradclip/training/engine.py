@@ -103,6 +103,7 @@ class Engine:
             else:
                 early_items.append((i, m[3], m[4]))
                 early_rows.append(m[2])
+        early.clear()  # what was not taken (a gradient set to None since) is of no further use
         local = _seam.reduce(params, order=o.p, argname="parameters", grad_attr=True, only=rest)
         if not early_rows:
             return local.finish(kind="none", nonfinite=o.nonfinite, report=True)
