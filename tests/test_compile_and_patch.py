@@ -88,6 +88,42 @@ def test_compiled_results_keep_the_result_dtype():
     assert frames == 1 and all(t.dtype == torch.float32 for t in got)
 
 
+def _compiled_steps(with_attach: bool, compiled: bool):
+    """STEPS of backward + a (compiled) foreach AdamW step, with or without attach;
+    returns the parameters, the graphs compiled and the reasons of the graph breaks."""
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+    if with_attach:
+        gradclip.attach(opt, global_clipnorm=0.05)
+    counters.clear()
+    counter = dynamo_testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, backend=counter) if compiled else opt.step
+    for i in range(STEPS):
+        _backward(model, i)
+        step()
+    return [p.detach().clone() for p in model.parameters()], counter.frame_count, list(counters["graph_break"])
+
+
+# Dynamo tracing torch's AdamW._init_group touches torch.jit.script_method, deprecated in torch 2.13.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_a_compiled_optimizer_step_clips_inside_its_graphs():
+    # torch 2.13's own optimizer step breaks its graph once, even without a hook (so fullgraph=True cannot
+    # compile a step at all); attach's clip is traced as the clip_grad_norm_ op: no break of its own, one
+    # graph more (the clip, before torch's break), and no recompilation from step to step.
+    unclipped, plain_frames, plain_breaks = _compiled_steps(with_attach=False, compiled=True)
+    got, frames, breaks = _compiled_steps(with_attach=True, compiled=True)
+    eager, _, _ = _compiled_steps(with_attach=True, compiled=False)
+    assert not [b for b in breaks if "gradclip" in b], breaks
+    assert len(breaks) == len(plain_breaks) and frames == plain_frames + 1, (frames, plain_frames, breaks)
+    # torch's compiled AdamW itself differs from its eager one by up to ~1e-6 here (other op order).
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-6)
+    # ... while the clip moves the parameters by far more: it did clip inside the graph.
+    assert max(float((a - b).abs().max()) for a, b in zip(got, unclipped)) > 1e-3
+
+
 @pytest.mark.parametrize("op", ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"])
 def test_the_custom_ops_pass_torch_opcheck(op):
     # Schema (mutation declared), fake implementation against the real one, and

@@ -11,7 +11,8 @@ import numpy as np
 
 from .backward_norms import BackwardNorms
 from .engine import Engine
-from .options import ClipOptions, check_limit, with_clip_options
+from .. import torch_ops
+from .options import TORCH_EPS, ClipOptions, check_limit, with_clip_options
 from .records import StepRecord, names_by_id
 
 __all__ = ["ClipHandle", "attach"]
@@ -192,6 +193,13 @@ class ClipHandle:
                 "reference to step taken before attach()?); a closure there would recompute the gradients after "
                 "the clip ran. Call optimizer.step(closure) itself"
             )
+        if torch_ops.use_ops() and self._traces_as_op(optimizer):
+            # torch.compile is tracing optimizer.step: the clip goes into the graph as the
+            # clip_grad_norm_ custom op. No StepRecord: its fields are host numbers, and
+            # reading them would end the graph (handle.last keeps the last eager record).
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch_ops.clip_grad_norm_(params, self._engine.options.default_limit, self._engine.options.p, False)
+            return
         scale = getattr(optimizer, "grad_scale", None)
         params, pools, limits = self._layout()
         if scale is not None and not (self.fold and pools is None):
@@ -216,6 +224,17 @@ class ClipHandle:
         if record.skipped:
             raise _SkipStep()
 
+
+    def _traces_as_op(self, optimizer) -> bool:
+        """Whether this clip is what the clip_grad_norm_ op computes: torch's rule
+        under one global_clipnorm ('propagate', torch's eps), no per-group limits,
+        GradScaler, fold, adaptive clipper, process group or on_step callback. Other
+        clips run eagerly, with a graph break around them."""
+        o = self._engine.options
+        return (o.option == "global_clipnorm" and not o.adaptive and not o.distributed and o.nonfinite == "propagate"
+                and o.eps == TORCH_EPS and not self.fold and self._on_step is None
+                and getattr(optimizer, "grad_scale", None) is None
+                and not any(o.option in g for g in optimizer.param_groups))
 
     def _fold_into_step(self, optimizer, params, scale) -> StepRecord:
         """One read pass for the norm; the coefficient goes to the fused step as
@@ -348,5 +367,10 @@ def attach(
     while they are still true (same tensor, unchanged since) and reads the rest
     in one call. Under gradient accumulation each backward measures again, so
     the last micro-batch's (the final gradients') norms are used.
+
+    Under ``torch.compile(optimizer.step)`` a clip that is torch's rule (one
+    ``global_clipnorm``, ``nonfinite='propagate'``, torch's eps, no per-group
+    limits, fold, GradScaler or ``on_step``) is traced as the
+    ``gradclip::clip_grad_norm_`` op, without a record; other clips run eagerly.
     """
     return ClipHandle(optimizer, Engine(options), named_parameters, on_step, fold, measure_in_backward)
