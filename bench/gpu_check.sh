@@ -93,7 +93,8 @@ nvidia-smi 2>&1 | tee "$OUTDIR/nvidia-smi.txt" || true
 
 # ---- build -------------------------------------------------------------------
 # GRADCLIP_CUDA=ON: a build without the CUDA module is an error here, not a silent CPU-only build.
-if ! step build 300 200 env GRADCLIP_CUDA=ON \
+# GRADCLIP_CUDA_SIM=ON: the test build (the tests compare the GPU against the host-simulated kernels).
+if ! step build 300 200 env GRADCLIP_CUDA=ON GRADCLIP_CUDA_SIM=ON \
     $PY -m pip install --no-build-isolation --no-deps --no-index -v \
     --config-settings=cmake.define.GRADCLIP_CUDA_ARCHITECTURES="$ARCH" .; then
   echo "build failed: see $OUTDIR/build.log"
