@@ -170,7 +170,8 @@ if [ -n "${GPU_CHECK_BENCH_ARGS:-}" ]; then
   read -r -a BENCH_ARGS <<< "$GPU_CHECK_BENCH_ARGS"
 else
   BENCH_ARGS=(--workload tiny-2000,transformer-64m,gpt2-small,single-64m,llama-1b --dtype fp32,bf16,fp16
-              --contender gradclip,torch_foreach,torch_loop --compile-max-tensors 0 --repeat 10 --warmup 2)
+              --mode norm-clip,norm-noclip,value-clip --contender gradclip,torch_foreach,torch_loop
+              --compile-max-tensors 0 --repeat 10 --warmup 2)  # the step mode would not fit the time budget
 fi
 step bench 150 75 $PY -m gradclip bench --device cuda "${BENCH_ARGS[@]}" --no-progress \
   --out "$OUTDIR/bench" --name gpu_check_cuda || true
