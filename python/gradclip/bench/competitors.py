@@ -14,9 +14,10 @@
 
 The ``step`` mode times a whole optimizer step with clipping, as training runs
 it: torch's ``clip_grad_norm_`` then a fused AdamW step, against gradclip's
-:func:`gradclip.attach` on the same fused AdamW (one read pass for the norm, the
-coefficient folded into the step's ``grad_scale``). Each contender has its own
-optimizer (its own state) over the same parameters.
+:func:`gradclip.attach` on the same fused AdamW with its defaults (one read pass
+for the norm, the coefficient folded into the step's ``grad_scale``, except for
+bfloat16 on the CPU, where attach rewrites the gradients first: faster there).
+Each contender has its own optimizer (its own state) over the same parameters.
 """
 
 from __future__ import annotations
