@@ -125,3 +125,27 @@ def test_remove_takes_the_hooks_away():
     h.remove()
     m(batch(0, torch.float32)).square().mean().backward()
     assert h._backward_norms._measured == {}
+
+
+def test_refused_and_unused_among_several_ranks(monkeypatch):
+    import torch.distributed as dist
+
+    m = model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
+    h = gradclip.attach(opt, global_clipnorm=0.5, measure_in_backward=True)
+    m(batch(0, torch.float32)).square().mean().backward()
+    assert h._backward_norms._measured
+    # A process group of two ranks appears, and a gradient changes the way an all-reduce changes it:
+    # in place, through .data, which leaves the version counter alone.
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    big = m[0].weight
+    version = big.grad._version
+    big.grad.data.mul_(3.0)
+    assert big.grad._version == version  # unseen by the version check
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in m.parameters()]))
+    opt.step()
+    assert h.last.total_norm == pytest.approx(expected, rel=1e-6)  # read at the step, not the measurement
+    with pytest.raises(ValueError, match="one of several ranks"):
+        gradclip.attach(torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True), global_clipnorm=0.5,
+                        measure_in_backward=True)

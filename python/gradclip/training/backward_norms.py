@@ -33,6 +33,11 @@ class BackwardNorms:
     last one, of the final gradient, is what the step uses."""
 
     def __init__(self, params: Iterable[Any], order: float):
+        if not self.usable():
+            raise ValueError(
+                "measure_in_backward=True: this process is one of several ranks, where DDP may reduce a gradient "
+                "in place after the hook read it without telling autograd (its all-reduce does not bump the "
+                "tensor's version), so a measurement could be of the local gradient; read at the step instead")
         self._order = order
         self._measured: Dict[int, Measured] = {}
         self._handles: List[Any] = []
@@ -64,6 +69,13 @@ class BackwardNorms:
         if m is None or m[0] is not param.grad or m[0]._version != m[1]:
             return None
         return m
+
+    @staticmethod
+    def usable() -> bool:
+        """Whether measurements can be trusted: not in a group of several ranks."""
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
     def clear(self) -> None:
         self._measured.clear()

@@ -96,8 +96,9 @@ class Engine:
         total is the one the plain call computes, up to the order of the fold."""
         o = self.options
         rest, early_rows, early_items = [], [], []
+        trusted = early.usable()  # a process group created after attach(): read everything now
         for i, p in enumerate(params):
-            m = early.take(p) if p.grad is not None else None
+            m = early.take(p) if trusted and p.grad is not None else None
             if m is None:
                 rest.append(i)
             else:
