@@ -26,9 +26,10 @@ class BackwardNorms:
     """Post-accumulate-grad hooks on the large CPU parameters of ``params``.
 
     A measurement is used at the step only while it is still true: the same
-    gradient tensor at the same version (any in-place change, such as
-    GradScaler's unscale_ or a DDP all-reduce into it, bumps the version, and a
-    replaced ``.grad`` is another tensor). Each measurement is used once. Under
+    gradient tensor at the same version (an in-place torch op, such as
+    GradScaler's unscale_, bumps the version, and a replaced ``.grad`` is
+    another tensor; a collective writing into it does not, hence no use among
+    several ranks). Each measurement is used once. Under
     gradient accumulation every micro-batch's backward measures again, so the
     last one, of the final gradient, is what the step uses."""
 
