@@ -67,6 +67,10 @@ class Quietness:
         self.start = time.monotonic()
         self.jiffies = _busy_jiffies()
 
+    def busy_at_start(self, cores: int) -> bool:
+        """The load average at the start exceeded half the cores."""
+        return self.loadavg_start is not None and self.loadavg_start > 0.5 * cores
+
     def finish(self, cpu_count: Optional[int]) -> Dict[str, Any]:
         cores = cpu_count or 1
         out: Dict[str, Any] = {"loadavg_start": self.loadavg_start, "loadavg_end": load_average(),
@@ -79,8 +83,7 @@ class Quietness:
             out["other_busy_cores"] = round(max(others, 0) / hz / wall, 3)
             out["noisy"] = out["other_busy_cores"] > self.NOISY_SHARE * cores
         else:
-            start = self.loadavg_start
-            out["noisy"] = start is not None and start > 0.5 * cores
+            out["noisy"] = self.busy_at_start(cores)
         return out
 
 

@@ -154,10 +154,9 @@ def run(config: Config, progress: Optional[ProgressFn] = None) -> Dict[str, Any]
     quietness = _env.Quietness()
     meta = _env.collect(torch, config.device)
     meta["quick"] = config.quick
-    busy = quietness.loadavg_start
-    if busy is not None and busy > 0.5 * (meta["cpu_count"] or 1):
-        _warn(f"load average {busy} on {meta['cpu_count']} cores at the start: if other processes are running, "
-              "timings will be noisy")
+    if quietness.busy_at_start(meta["cpu_count"] or 1):
+        _warn(f"load average {quietness.loadavg_start} on {meta['cpu_count']} cores at the start: if other "
+              "processes are running, timings will be noisy")
     cases = plan(config)
     # Progress weights: bytes each case touches (gradients x contenders), plus the ceilings.
     weights = [

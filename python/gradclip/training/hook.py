@@ -231,9 +231,8 @@ class ClipHandle:
         GradScaler, fold, adaptive clipper, process group or on_step callback. Other
         clips run eagerly, with a graph break around them."""
         o = self._engine.options
-        return (o.option == "global_clipnorm" and not o.adaptive and not o.distributed and o.nonfinite == "propagate"
-                and o.eps == TORCH_EPS and not self.fold and self._on_step is None
-                and getattr(optimizer, "grad_scale", None) is None
+        return (o.one_global_limit and o.nonfinite == "propagate" and o.eps == TORCH_EPS and not self.fold
+                and self._on_step is None and getattr(optimizer, "grad_scale", None) is None
                 and not any(o.option in g for g in optimizer.param_groups))
 
     def _fold_into_step(self, optimizer, params, scale) -> StepRecord:
@@ -276,7 +275,7 @@ def _can_fold(optimizer, options) -> bool:
         return False
     if not all(group.get("fused") for group in optimizer.param_groups):
         return False
-    return options.option == "global_clipnorm" and not options.adaptive and not options.distributed
+    return options.one_global_limit
 
 
 def _fold_pays(optimizer) -> bool:

@@ -39,6 +39,12 @@ class ClipOptions:
         return self.option == "global_clipnorm" and hasattr(self.limit, "update")
 
     @property
+    def one_global_limit(self) -> bool:
+        """A fixed ``global_clipnorm`` over local gradients: one coefficient from one
+        norm, which a fused step or the clip_grad_norm_ op can take as it is."""
+        return self.option == "global_clipnorm" and not self.adaptive and not self.distributed
+
+    @property
     def distributed(self) -> bool:
         """Whether the norms are combined over process groups."""
         return self.process_group is not None or self.replicated is not None
