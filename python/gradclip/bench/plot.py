@@ -65,13 +65,6 @@ def _grid(result: Dict[str, Any]):
     return rows, dtypes, modes, workloads
 
 
-def _get(rows, workload, dtype, mode, contender) -> Optional[Dict[str, Any]]:
-    for r in rows:
-        if (r["workload"], r["dtype"], r["mode"], r["contender"]) == (workload, dtype, mode, contender):
-            return r
-    return None
-
-
 def _positive(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) and v > 0 and math.isfinite(v) for v in values)
 
@@ -259,8 +252,8 @@ def _set_x(ax: Any, lo: float, hi: float, log: bool) -> None:
 
 
 def _speedup_bar(rows, workload, dtype, mode, comp) -> Optional[Bar]:
-    g = _get(rows, workload, dtype, mode, "gradclip")
-    c = _get(rows, workload, dtype, mode, comp)
+    g = report.find_row(rows, workload, dtype, mode, "gradclip")
+    c = report.find_row(rows, workload, dtype, mode, comp)
     if g is None or c is None:
         return None
     v = g.get(f"speedup_vs_{comp}")
@@ -274,7 +267,7 @@ def _speedup_bar(rows, workload, dtype, mode, comp) -> Optional[Bar]:
 
 
 def _bandwidth_bar(rows, workload, dtype, mode, comp) -> Optional[Bar]:
-    r = _get(rows, workload, dtype, mode, comp)
+    r = report.find_row(rows, workload, dtype, mode, comp)
     if r is None or not _positive(r.get("fraction_of_ceiling")):
         return None
     v = 100 * r["fraction_of_ceiling"]

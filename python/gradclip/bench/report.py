@@ -41,7 +41,8 @@ def gradclip_rows(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [r for r in rows if r["contender"] == "gradclip"]
 
 
-def _find(rows: Sequence[Dict[str, Any]], workload: str, dtype: str, mode: str, contender: str = "gradclip"):
+def find_row(rows: Sequence[Dict[str, Any]], workload: str, dtype: str, mode: str, contender: str = "gradclip"):
+    """The row of one (workload, dtype, mode, contender), or None."""
     for r in rows:
         if (r["workload"], r["dtype"], r["mode"], r["contender"]) == (workload, dtype, mode, contender):
             return r
@@ -55,7 +56,7 @@ def goals(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     noisy = bool(result["meta"].get("noisy"))
     out = []
     for name, workload, dtype, mode, quantity, required in CPU_GOALS:
-        row = _find(result["rows"], workload, dtype, mode)
+        row = find_row(result["rows"], workload, dtype, mode)
         if row is None or row.get("median_s") is None:
             continue
         value = row.get(_GOAL_FIELDS[quantity])
