@@ -55,6 +55,7 @@ Tolerances
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import types
@@ -1151,6 +1152,44 @@ def test_no_host_synchronisation(case):
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     g.assert_guards()
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scaler"])
+def test_folded_attach_steps_without_host_synchronisation(policy, scaled):
+    """attach() folded into a fused AdamW step on CUDA: the norm, the coefficient, the
+    grad_scale and (under 'skip') found_inf stay on the device, so optimizer.step()
+    (or a GradScaler's step) never waits for it; parameters equal clip-then-step."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8)).cuda()
+    ref = copy.deepcopy(ours)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if scaled else None
+    handle = gradclip.attach(opt, global_clipnorm=0.05, nonfinite=policy)
+    assert handle.fold
+    for step in range(5):
+        x = torch.randn(16, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss = model(x).square().sum()
+            (scaler.scale(loss) if scaled and o is opt else loss).backward()
+        torch.cuda.synchronize()
+        # 'skip' decides the first step on the host (the optimizer state is made there).
+        torch.cuda.set_sync_debug_mode("error" if step or policy == "propagate" else 0)
+        try:
+            if scaled:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        ref_opt.step()
+        assert handle.last.clipped and not handle.last.skipped
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
 
 
 # --------------------------------------------------------------------------

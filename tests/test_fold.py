@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import gradclip
+from gradclip.training import hook
 
 STEPS = 20
 OPTIMIZERS = {
@@ -18,6 +20,16 @@ OPTIMIZERS = {
     "Adagrad": (torch.optim.Adagrad, dict(lr=1e-2)),
 }
 TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.fixture(params=["host", "device"])
+def path(request, monkeypatch):
+    """Run a test on both folded paths: 'host' (CPU: the numbers come to Python) and
+    'device' (what CUDA gradients take: the norm, grad_scale and found_inf stay
+    tensors, no host sync), the latter forced onto CPU tensors."""
+    if request.param == "device":
+        monkeypatch.setattr(hook, "_DEVICE_TYPES", ("cuda", "cpu"))
+    return request.param
 
 
 def _model(dtype=torch.float32):
@@ -38,7 +50,7 @@ def _assert_params_close(a_model, b_model, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_folded_clip_equals_clip_then_step(name, dtype):
+def test_folded_clip_equals_clip_then_step(name, dtype, path):
     cls, kwargs = OPTIMIZERS[name]
     ours, ref = _model(dtype), _model(dtype)
     opt = cls(ours.parameters(), fused=True, **kwargs)
@@ -61,11 +73,12 @@ def test_folded_clip_equals_clip_then_step(name, dtype):
         for a, b in zip(ours.parameters(), ref.parameters()):
             torch.testing.assert_close(a.grad, b.grad, **TOLERANCE[dtype])
         assert getattr(opt, "grad_scale", None) is None  # nothing left behind
+        assert getattr(opt, "found_inf", None) is None
     _assert_params_close(ours, ref, dtype)
 
 
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
-def test_folded_clip_composes_with_grad_scaler(name):
+def test_folded_clip_composes_with_grad_scaler(name, path):
     cls, kwargs = OPTIMIZERS[name]
     ours, ref = _model(), _model()
     opt = cls(ours.parameters(), fused=True, **kwargs)
@@ -153,3 +166,107 @@ def test_folded_nonfinite_policies(policy):
         ref_opt.step()
         assert handle.last.zeroed_elements == 1
         _assert_params_close(ours, ref, torch.float32)
+
+
+# What makes a device tensor's value travel to the host (a sync on CUDA).
+_HOST_READS = {"__float__", "__bool__", "__int__", "__index__", "item", "tolist", "cpu", "numpy"}
+
+
+class _HostReads(TorchFunctionMode):
+    """Records every torch call that would read a tensor's value on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _HOST_READS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scaler"])
+def test_device_path_reads_nothing_back(monkeypatch, policy, scaled):
+    """The folded clip on CUDA gradients must not wait for the device: no tensor value
+    is read on the host from the pre-hook to the end of the fused step, with or without
+    a GradScaler (whose found_inf the host path reads). The record is made when read."""
+    monkeypatch.setattr(hook, "_DEVICE_TYPES", ("cuda", "cpu"))
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+    handle = gradclip.attach(opt, global_clipnorm=0.05, nonfinite=policy)
+    for step in range(3):
+        opt.zero_grad()
+        loss = _loss(model, step)
+        (scaler.scale(loss) if scaled else loss).backward()
+        if scaled:
+            scaler.unscale_(opt) if step == 2 else None  # also once with the scale already divided out
+        reads = _HostReads()
+        with reads:
+            if scaled:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if step > 0 or policy == "propagate":  # 'skip' decides its first step on the host (state is made there)
+            assert reads.seen == [], (step, reads.seen)
+            assert handle._pending is not None
+        if scaled:
+            scaler.update()
+        record = handle.last  # made now
+        assert handle._pending is None
+        assert record.step == step and record.clipped and not record.skipped
+        assert record.total_norm == pytest.approx(
+            sum(v * v for v in record.tensor_norms().values()) ** 0.5, rel=1e-6)
+
+
+def test_a_planted_host_read_is_seen():
+    """The check above can fail: a float() of a tensor inside the step is recorded."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    opt.register_step_pre_hook(lambda o, a, k: [float(next(model.parameters()).grad.sum())] and None)
+    _loss(model, 0).backward()
+    reads = _HostReads()
+    with reads:
+        opt.step()
+    assert reads.seen == ["__float__"]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_device_path_skip_leaves_parameters_and_state_alone(monkeypatch, name):
+    """'skip' on the device path: a nonfinite total sets the fused step's found_inf,
+    which leaves every parameter and its optimizer state (step counts, moments) as
+    they were; the next finite step goes on as if the skipped one never ran, as on
+    the host path, which cancels the step."""
+    monkeypatch.setattr(hook, "_DEVICE_TYPES", ("cuda", "cpu"))
+    cls, kwargs = OPTIMIZERS[name]
+    ours, ref = _model(), _model()
+    opt = cls(ours.parameters(), fused=True, **kwargs)
+    ref_opt = cls(ref.parameters(), fused=True, **kwargs)
+    handle = gradclip.attach(opt, global_clipnorm=0.05, nonfinite="skip")
+    for step in range(6):
+        opt.zero_grad()
+        _loss(ours, step).backward()
+        bad = step in (0, 3)  # the first step is decided on the host, the fourth on the device
+        if bad:
+            ours[2].bias.grad[1] = float("inf")
+            before = [p.detach().clone() for p in ours.parameters()]
+            state = {k: v.clone() for p in ours.parameters() for k, v in opt.state[p].items()
+                     if isinstance(v, torch.Tensor)} if step else {}
+        opt.step()
+        # The first step is decided on the host (its state is made there), except for
+        # Adagrad, which makes its state in its constructor.
+        assert (handle._pending is not None) == (step > 0 or name == "Adagrad")
+        assert handle.last.skipped == bad and handle.last.nonfinite_tensors == int(bad)
+        assert getattr(opt, "found_inf", None) is None
+        if bad:
+            assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), before))
+            after = {k: v for p in ours.parameters() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+            assert all(torch.equal(after[k], v) for k, v in state.items())
+            continue
+        ref_opt.zero_grad()
+        _loss(ref, step).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        ref_opt.step()
+    _assert_params_close(ours, ref, torch.float32)

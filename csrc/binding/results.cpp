@@ -49,6 +49,8 @@ Result convert(const Intake& in, const engine::Request& req, engine::Outcome& o,
       d.entry_spans = spans;
     }
     r.device = to_python(d);
+    // The list index of each per-entry norm: host facts, known without waiting for the device.
+    if (req.want_per_span) r.indices = array_of(in.list_index_of_entry);
     return r;
   }
   if (req.reduces() || req.given.present) r.total = py::float_(o.total);

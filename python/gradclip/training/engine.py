@@ -11,7 +11,8 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from .. import _core, _seam, distributed
+from .. import _core, _device, _seam, distributed
+from .._inputs import torch_scalar
 from .backward_norms import BackwardNorms
 from .options import KIND_OF_OPTION, ClipOptions
 from .records import NonfiniteGradientError, StepRecord
@@ -88,6 +89,46 @@ class Engine:
         if grad_scale != 1.0:
             record = dataclasses.replace(record, total_norm=total, _norms=r.norms / grad_scale)
         return record, coef
+
+    def measure_on_device(self, params: Sequence[Any], names: Sequence[str], grad_scale: Any = None,
+                          found_inf: Any = None) -> Optional["DeviceMeasure"]:
+        """``measure`` without a host sync, for 'propagate' and 'skip': the norms stay on the
+        gradients' device (CUDA) and so does everything made from them: the fused step's
+        ``grad_scale`` (a GradScaler's ``grad_scale`` divided by the coefficient) and, under
+        'skip', its ``found_inf`` (set where the total norm is nonfinite, which makes the
+        fused step leave every parameter and its state alone). The record is made when it is
+        read. None when no parameter has a gradient."""
+        import torch
+
+        o = self.options
+        r = _core.clip(params, kind="none", order=o.p, argname="parameters", grad_attr=True, per_tensor=True)
+        if r.count == 0:
+            return None
+        step = self.steps
+        self.steps += 1
+        if r.device is not None:
+            total, norms = _device.total(r.device), _device.per_tensor(r.device)
+        else:  # host memory (the same path, run on CPU tensors by the tests)
+            device = params[r.first_index].grad.device
+            total = torch_scalar(torch, r.total, r, device)
+            norms = torch.from_numpy(r.norms).to(total.dtype)
+        # float64 from here on, as the host path (clip_coefficient) computes; the
+        # optimizer reads a float32 grad_scale.
+        unscale = None if grad_scale is None else 1.0 / grad_scale.double()
+        unscaled = total.double() if unscale is None else total.double() * unscale
+        coef = torch.clamp(o.default_limit / (unscaled + o.eps), max=1.0)  # NaN stays NaN, as clip_coefficient
+        scale = 1.0 / coef if grad_scale is None else grad_scale.double() / coef
+        skipped = found_inf
+        if o.nonfinite == "skip":
+            # A nonfinite total as reported (float32 unless some gradient is float64), the
+            # rule the host path holds the step by.
+            nonfinite = ~torch.isfinite(total)
+            scale = torch.where(nonfinite, torch.ones_like(scale) if grad_scale is None else grad_scale.double(),
+                                scale)
+            flag = nonfinite.to(torch.float32)
+            skipped = flag if found_inf is None else torch.maximum(found_inf, flag.to(found_inf.dtype))
+        return DeviceMeasure(step, names, r.indices, unscaled, norms, unscale, coef, skipped,
+                             scale.to(torch.float32))
 
     def _with_backward_norms(self, params: Sequence[Any], early: BackwardNorms) -> Any:
         """What ``_core.clip(kind='none', report=True)`` reports, from the norms
@@ -187,3 +228,34 @@ class Engine:
             _indices=r.indices,
             _nonfinite_indices=r.nonfinite_indices,
         )
+
+
+class DeviceMeasure:
+    """One folded clip whose numbers are still on the device: ``grad_scale`` and
+    ``found_inf`` for the fused step, and the :class:`StepRecord`, made by
+    :meth:`record` (which waits for the device)."""
+
+    def __init__(self, step, names, indices, total, norms, unscale, coef, found_inf, grad_scale):
+        self.step = step
+        self.grad_scale = grad_scale
+        self.found_inf = found_inf
+        self._names = names
+        self._indices = np.asarray(indices, dtype=np.int64)
+        self._total = total
+        self._norms = norms
+        self._unscale = unscale
+        self._coef = coef
+
+    def record(self) -> StepRecord:
+        import torch
+
+        skipped = self.found_inf if self.found_inf is not None else torch.zeros_like(self._coef)
+        total, coef, held = torch.stack([self._total, self._coef, skipped.double()]).tolist()
+        norms = self._norms.double() if self._unscale is None else self._norms.double() * self._unscale
+        norms = norms.cpu().numpy()
+        held = held != 0.0
+        coef = 1.0 if held else coef
+        return StepRecord(step=self.step, total_norm=total, clip_coef=coef, clipped=coef != 1.0 and not held,
+                          skipped=held, nonfinite_tensors=int((~np.isfinite(norms)).sum()),
+                          _names=self._names, _norms=norms, _indices=self._indices,
+                          _nonfinite_indices=self._indices[~np.isfinite(norms)])

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 import numpy as np
 
 from .backward_norms import BackwardNorms
-from .engine import Engine
+from .engine import DeviceMeasure, Engine
 from .. import torch_ops
 from .options import TORCH_EPS, ClipOptions, check_limit, with_clip_options
 from .records import StepRecord, names_by_id
@@ -60,8 +60,11 @@ class ClipHandle:
                                  "at the step; use 'propagate', 'error' or 'skip'")
             self._backward_norms = BackwardNorms(
                 (p for g in optimizer.param_groups for p in g["params"]), engine.options.p)
-        self._scale_to_restore: Any = _UNSET
-        self.last: Optional[StepRecord] = None
+        self._to_restore: dict = {}
+        self._last: Optional[StepRecord] = None
+        self._pending: Optional[DeviceMeasure] = None
+        # Parameters that may still lack optimizer state (see _stays_on_device); None: none do.
+        self._stateless: Optional[list] = None
         self._engine = engine
         self._on_step = on_step
         self._named = names_by_id(named_parameters)
@@ -85,7 +88,7 @@ class ClipHandle:
             if not handle._active:
                 return inner(*args, **kwargs) if closure is None else inner(closure, *args, **kwargs)
             loss = None
-            handle._scale_to_restore = _UNSET
+            handle._to_restore.clear()
             if closure is not None:
                 # The closure recomputes the gradients: run it first (as the
                 # optimizer would, with gradients enabled), then clip, then step.
@@ -98,7 +101,7 @@ class ClipHandle:
             except _SkipStep:
                 return loss
             finally:
-                handle._restore_grad_scale()
+                handle._restore_step_attributes()
             return loss if closure is not None else result
 
         # Keep the markers others put on step (e.g. torch's LR schedulers check
@@ -152,6 +155,7 @@ class ClipHandle:
             self._names = [self._named.get(id(p)) or fallback[i] for i, p in enumerate(params)]
             self._group_of_item = np.asarray(group_of_item, dtype=np.int32)
             self._layout_key = key
+            self._stateless = list(params)
             if not self._engine.options.distributed:
                 _refuse_flat_shards(params)
         options = self._engine.options
@@ -208,6 +212,14 @@ class ClipHandle:
                 "its fused step); call scaler.unscale_(optimizer) before scaler.step(optimizer)"
             )
         found_inf = getattr(optimizer, "found_inf", None)
+        if self.fold and pools is None and self._stays_on_device(optimizer, params):
+            measured = self._engine.measure_on_device(params, self._names, scale, found_inf)
+            if measured is not None:
+                self._hand_to_step(optimizer, grad_scale=measured.grad_scale, found_inf=measured.found_inf)
+                self._last, self._pending = None, measured
+                if self._on_step is not None:
+                    self._on_step(self.last)
+                return
         if found_inf is not None and float(found_inf) != 0.0:
             if self._backward_norms is not None:
                 self._backward_norms.clear()
@@ -218,11 +230,37 @@ class ClipHandle:
             if self._backward_norms is not None:
                 self._backward_norms.clear()  # per-group limits now: the folded path is not taken
             record = self._engine.run(params, pools, limits, self._names)
-        self.last = record
+        self._last, self._pending = record, None
         if self._on_step is not None:
             self._on_step(record)
         if record.skipped:
             raise _SkipStep()
+
+    @property
+    def last(self) -> Optional[StepRecord]:
+        """The latest step's :class:`StepRecord`. On CUDA a folded clip leaves its
+        numbers on the device; reading ``last`` waits for them."""
+        if self._pending is not None:
+            self._last, self._pending = self._pending.record(), None
+        return self._last
+
+    def _stays_on_device(self, optimizer, params) -> bool:
+        """Whether this folded clip runs without a host sync: CUDA gradients, a policy
+        that needs no host decision ('error' raises, 'zero' counts), no norms measured
+        during backward, and under 'skip' every parameter's optimizer state made
+        already: a skipped first step would leave it uninitialised (torch's fused SGD
+        allocates its momentum buffers with empty_like and lets the kernel, which a set
+        found_inf stops, fill them), so that step decides on the host."""
+        o = self._engine.options
+        if not params or params[0].device.type not in _DEVICE_TYPES or o.nonfinite not in ("propagate", "skip"):
+            return False
+        if self._backward_norms is not None and self._backward_norms.hooked:
+            return False
+        if o.nonfinite == "skip" and self._stateless is not None:
+            state = optimizer.state
+            self._stateless = [p for p in self._stateless if p not in state] or None
+            return self._stateless is None or not any(p.grad is not None for p in self._stateless)
+        return True
 
 
     def _traces_as_op(self, optimizer) -> bool:
@@ -244,26 +282,30 @@ class ClipHandle:
         record, coef = self._engine.measure(params, self._names, 1.0 if scale is None else float(scale),
                                             early=self._backward_norms)
         if not record.skipped:
-            self._scale_to_restore = scale
             device = next((p.grad.device for p in params if p.grad is not None), None)
             if scale is None:
-                optimizer.grad_scale = torch.full((), 1.0 / coef if coef else math.inf, dtype=torch.float32,
-                                                  device=device)
+                grad_scale = torch.full((), 1.0 / coef if coef else math.inf, dtype=torch.float32, device=device)
             else:
-                optimizer.grad_scale = scale / coef if coef else torch.full_like(scale, math.inf)
+                grad_scale = scale / coef if coef else torch.full_like(scale, math.inf)
+            self._hand_to_step(optimizer, grad_scale=grad_scale)
         return record
 
-    def _restore_grad_scale(self) -> None:
-        if self._scale_to_restore is _UNSET:
-            return
-        if self._scale_to_restore is None:
-            self.optimizer.grad_scale = None
-        else:
-            self.optimizer.grad_scale = self._scale_to_restore
-        self._scale_to_restore = _UNSET
+    def _hand_to_step(self, optimizer, **attributes) -> None:
+        """Set the fused step's grad_scale (and found_inf), remembering what they were
+        (a GradScaler's, or nothing) to put back after the step."""
+        for name, value in attributes.items():
+            self._to_restore.setdefault(name, getattr(optimizer, name, None))
+            setattr(optimizer, name, value)
+
+    def _restore_step_attributes(self) -> None:
+        for name, value in self._to_restore.items():
+            setattr(self.optimizer, name, value)
+        self._to_restore.clear()
 
 
-_UNSET = object()
+# Devices whose folded clip keeps its numbers there (no host sync); the tests add
+# "cpu" to run that path on CPU tensors.
+_DEVICE_TYPES = ("cuda",)
 
 
 def _can_fold(optimizer, options) -> bool:
@@ -360,7 +402,9 @@ def attach(
     ``global_clipnorm``: the clip only reads the gradients and hands the
     coefficient to the step as its ``grad_scale`` (``fold``, default on where
     it applies; ``fold=False`` rewrites the gradients before the step).
-    ``measure_in_backward=True`` also moves that read into backward: a
+    On CUDA the coefficient and, under ``nonfinite='skip'``, the step's
+    ``found_inf`` stay on the device (no host sync; ``handle.last`` is made when
+    read). ``measure_in_backward=True`` also moves that read into backward: a
     post-accumulate-grad hook on each CPU parameter of at least 32768 elements
     reads its gradient right after autograd wrote it; the step uses those norms
     while they are still true (same tensor, unchanged since) and reads the rest
