@@ -1,7 +1,7 @@
 """Whole training iterations (forward, backward, clip, fused AdamW step) with the clip's
 norm read at the step or during backward, against torch's clip and against no clip.
 
-    python bench/backward_norms.py [--layers 16] [--width 2048] [--batch 8] [--rounds 12]
+    python bench/backward_norms.py [--layers 16] [--width 2048] [--batch 8] [--rounds 12] [--ddp]
 
 * no clip: backward, then ``opt.step()``;
 * torch: backward, ``torch.nn.utils.clip_grad_norm_``, ``opt.step()``;
@@ -9,6 +9,10 @@ norm read at the step or during backward, against torch's clip and against no cl
   the fused step's grad_scale);
 * gradclip folded, measured in backward: ``attach(..., measure_in_backward=True)``: the
   hooks read each large gradient right after autograd wrote it.
+
+With ``--ddp`` the same runs on 2 ranks (gloo, one thread each, DDP with its default
+buckets), and the last contender is ``attach(..., measure_in_backward=ddp_model)``: the
+communication hook reads each bucket once all-reduced.
 
 Each contender trains its own copy of the same model on the same batches; every step
 clips (max_norm is small). Reported per contender: the median iteration, and its
@@ -33,7 +37,33 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--ddp", action="store_true", help="2 ranks (gloo), DDP, measured in its communication hook")
     args = ap.parse_args()
+    if args.ddp:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        store = "file://" + os.path.join(tempfile.mkdtemp(prefix="gradclip-bench-"), "store")
+        mp.start_processes(_rank, args=(2, store, args), nprocs=2, start_method="spawn")
+    else:
+        _run(args, rank=0, world=1)
+
+
+def _rank(rank, world, store, args) -> None:
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    os.environ["GRADCLIP_NUM_THREADS"] = "1"  # the two ranks share the machine's cores
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+    try:
+        _run(args, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(args, rank: int, world: int) -> None:
     quiet = env.Quietness()
 
     def model():
@@ -43,10 +73,17 @@ def main() -> None:
             layers += [torch.nn.Linear(args.width, args.width), torch.nn.Tanh()]
         return torch.nn.Sequential(*layers)
 
-    names = ("no clip", "torch", "gradclip folded", "gradclip folded, measured in backward")
+    measured = "gradclip folded, measured in DDP's hook" if world > 1 else "gradclip folded, measured in backward"
+    names = ("no clip", "torch", "gradclip folded", measured)
     runs = {}
     for name in names:
         m = model()
+        measure = name.endswith("backward")
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            m = DistributedDataParallel(m)
+            measure = m if name == measured else False
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
         if name == "torch":
             params = list(m.parameters())
@@ -56,11 +93,11 @@ def main() -> None:
                 opt.step()
         else:
             if name.startswith("gradclip"):
-                handle = gradclip.attach(opt, global_clipnorm=1e-3, measure_in_backward=name.endswith("backward"))
+                handle = gradclip.attach(opt, global_clipnorm=1e-3, measure_in_backward=measure)
                 assert handle.fold
             optimizer_part = opt.step
         runs[name] = (m, opt, optimizer_part)
-    batches = [torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(k))
+    batches = [torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(world * k + rank))
                for k in range(args.rounds + 2)]
     iteration = {n: [] for n in names}
     optimizer_part_s = {n: [] for n in names}
@@ -78,13 +115,16 @@ def main() -> None:
                 iteration[name].append(t2 - t0)
                 optimizer_part_s[name].append(t2 - t1)
     run = quiet.finish(os.cpu_count())
+    if rank:
+        return
     n = sum(p.numel() for p in runs["torch"][0].parameters())
     med = {k: statistics.median(v) for k, v in iteration.items()}
     opt_med = {k: statistics.median(v) for k, v in optimizer_part_s.items()}
     bare_iter, bare_step = med["no clip"], opt_med["no clip"]
     print(f"{env.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"gradclip {gradclip.__version__} ({gradclip.build_info()['isa']}); {args.layers} x Linear({args.width}, "
-          f"{args.width}) + Tanh, {n / 1e6:.1f}M fp32 parameters, batch {args.batch}; medians of {args.rounds} "
+          f"{args.width}) + Tanh, {n / 1e6:.1f}M fp32 parameters, batch {args.batch}"
+          f"{f', {world} ranks (DDP, gloo), rank 0 timed' if world > 1 else ''}; medians of {args.rounds} "
           f"interleaved rounds; load average {run['loadavg_start']} -> {run['loadavg_end']}, other processes "
           f"{run['other_busy_cores']} cores, noisy={run['noisy']}")
     print(f"{'':40s} {'iteration':>10s} {'clip + step':>12s} {'clip adds (iteration)':>22s} {'(step part)':>12s}")

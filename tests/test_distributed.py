@@ -393,6 +393,73 @@ def _zero_redundancy(rank, world):
     del zero, plain, models
 
 
+def _ddp_measured_buckets(rank, world):
+    # attach(..., measure_in_backward=ddp_model): each bucket's gradients are measured
+    # in DDP's communication hook once all-reduced. Training must equal the folded clip
+    # that reads everything at the step (a second DDP copy), with and without
+    # gradient_as_bucket_view, several buckets, and gradient accumulation under
+    # no_sync(); every hooked gradient's measurement is used; a gradient changed after
+    # backward is read again.
+    from torch.nn.parallel import DistributedDataParallel
+
+    def big_mlp():
+        torch.manual_seed(8)
+        return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256),
+                                   torch.nn.Tanh(), torch.nn.Linear(256, 7))
+
+    for as_view in (False, True):
+        ddp = [DistributedDataParallel(big_mlp(), gradient_as_bucket_view=as_view, bucket_cap_mb=0.2)
+               for _ in range(2)]
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in ddp]
+        early = gradclip.attach(opts[0], global_clipnorm=0.5, measure_in_backward=ddp[0])
+        plain = gradclip.attach(opts[1], global_clipnorm=0.5)
+        assert early.fold and plain.fold
+        n_params = len(list(ddp[0].parameters()))
+        for step in range(6):
+            accumulate = 1 + step % 3
+            for micro in range(accumulate):
+                x = torch.randn(5, 64, generator=torch.Generator().manual_seed(100 * step + 10 * micro + rank))
+                for m in ddp:
+                    if micro < accumulate - 1:
+                        with m.no_sync():
+                            (m(x) * 10).square().mean().backward()
+                    else:
+                        (m(x) * 10).square().mean().backward()
+            used = early._backward_norms.used
+            if step == 4:  # changed in place after the hook measured it: must be read again
+                for m in ddp:
+                    m.module[2].weight.grad.mul_(3.0)
+            for o in opts:
+                o.step()
+                o.zero_grad()
+            used = early._backward_norms.used - used
+            # At step 4 the changed gradient is read again (with gradient_as_bucket_view its
+            # bucket's other views share its version counter, so they are read again too).
+            assert used == n_params if step != 4 else used < n_params, (as_view, step, used)
+            a, b = plain.last, early.last
+            _close(b.total_norm, a.total_norm, 1e-12, f"as_view={as_view} step {step}")
+            assert b.tensor_norms() == pytest.approx(a.tensor_norms(), rel=1e-12)
+            assert a.clipped and b.clipped
+        for p, q in zip(ddp[0].parameters(), ddp[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        # The measured clip is of the reduced gradient: every rank holds the same total.
+        totals = [None] * world
+        dist.all_gather_object(totals, early.last.total_norm)
+        assert len(set(totals)) == 1, totals
+        early.remove()
+        plain.remove()
+        del ddp, opts
+    # Refusals: the plain hooks among ranks, a DDP model with a hook of its own.
+    model = DistributedDataParallel(big_mlp())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    with pytest.raises(ValueError, match="one of several ranks.*measure_in_backward=ddp_model"):
+        gradclip.attach(opt, global_clipnorm=0.5, measure_in_backward=True)
+    model.register_comm_hook(None, lambda state, bucket: torch.futures.Future())
+    with pytest.raises(ValueError, match="DDP takes one only"):
+        gradclip.attach(opt, global_clipnorm=0.5, measure_in_backward=model)
+    del model, opt
+
+
 def _fsdp1(rank, world):
     # FSDP1 hands the optimizer flat local shards (plain tensors): attach refuses
     # to clip them by a local norm, and with process_group= matches FSDP's own
@@ -446,6 +513,10 @@ def test_shard_groups_and_pipeline_stages():
 
 def test_zero_redundancy_optimizer():
     run_ranks(2, _zero_redundancy)
+
+
+def test_ddp_buckets_measured_in_the_communication_hook():
+    run_ranks(2, _ddp_measured_buckets)
 
 
 def test_fsdp1_flat_shards_need_the_group():

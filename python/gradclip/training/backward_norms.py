@@ -1,10 +1,13 @@
-"""Norms measured during backward: each large gradient's power sum is read by a
-post-accumulate-grad hook, right after autograd wrote it (still in cache), so the
-step finds the norm already known."""
+"""Norms measured during backward, so that the step finds them already known:
+in one process each large gradient's power sum is read by a post-accumulate-grad
+hook, right after autograd wrote it (still in cache); under DDP each bucket is
+read by its communication hook, right after the all-reduce (the final gradient)."""
 
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
 
 from .. import _core
 
@@ -22,7 +25,36 @@ ONE_THREAD_BYTES = 4 << 20
 Measured = Tuple[Any, int, Any, float, bool]
 
 
-class BackwardNorms:
+class Measurements:
+    """Measurements by parameter, each used once, and only while still true: the
+    same gradient tensor at the same version (an in-place torch op, such as
+    GradScaler's unscale_, bumps the version, and a replaced ``.grad`` is
+    another tensor)."""
+
+    hooked = 0
+    used = 0  # measurements the steps have used, all told
+    _measured: Dict[int, Measured]
+
+    def take(self, param: Any) -> Optional[Measured]:
+        """The measurement of ``param``'s current gradient, if one is still
+        true; it is used up either way."""
+        m = self._measured.pop(id(param), None)
+        if m is None or m[0] is not param.grad or m[0]._version != m[1]:
+            return None
+        self.used += 1
+        return m
+
+    def usable(self) -> bool:
+        return True
+
+    def clear(self) -> None:
+        self._measured.clear()
+
+    def remove(self) -> None:
+        self._measured.clear()
+
+
+class BackwardNorms(Measurements):
     """Post-accumulate-grad hooks on the large CPU parameters of ``params``.
 
     A measurement is used at the step only while it is still true: the same
@@ -38,7 +70,9 @@ class BackwardNorms:
             raise ValueError(
                 "measure_in_backward=True: this process is one of several ranks, where DDP may reduce a gradient "
                 "in place after the hook read it without telling autograd (its all-reduce does not bump the "
-                "tensor's version), so a measurement could be of the local gradient; read at the step instead")
+                "tensor's version), so a measurement could be of the local gradient; pass the "
+                "DistributedDataParallel model instead (measure_in_backward=ddp_model), whose buckets are "
+                "measured once reduced")
         self._order = order
         self._measured: Dict[int, Measured] = {}
         self._handles: List[Any] = []
@@ -63,26 +97,111 @@ class BackwardNorms:
             _core.limit_calling_thread(cap)
         self._measured[id(param)] = (grad, grad._version, reduction.group_partials()[0], norm, nonfinite)
 
-    def take(self, param: Any) -> Optional[Measured]:
-        """The measurement of ``param``'s current gradient, if one is still
-        true; it is used up either way."""
-        m = self._measured.pop(id(param), None)
-        if m is None or m[0] is not param.grad or m[0]._version != m[1]:
-            return None
-        return m
-
-    @staticmethod
-    def usable() -> bool:
+    def usable(self) -> bool:
         """Whether measurements can be trusted: not in a group of several ranks."""
         import torch.distributed as dist
 
         return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
-    def clear(self) -> None:
-        self._measured.clear()
-
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._measured.clear()
+
+
+class ReducedBucketNorms(Measurements):
+    """A DDP communication hook that all-reduces each bucket as DDP's default does
+    (torch's ``allreduce_hook``: divide by the group's size, then sum), then reads
+    every gradient's power sum in the reduced bucket, one native call a bucket, in
+    the all-reduce's completion callback (on the communication thread).
+
+    What the step uses must be the gradient the optimizer will read: DDP copies the
+    reduced bucket into ``.grad`` (or makes ``.grad`` a view of it) in its finalize,
+    a callback the autograd engine runs at the end of backward, after callbacks
+    queued before it. So the measurements are sealed (paired with each ``.grad``
+    and its version, as in one process) by a callback queued from a callback that
+    was queued in the first bucket's hook: it runs after DDP's finalize. Under
+    ``no_sync()`` (gradient accumulation) no bucket is reduced and nothing is
+    measured; the synchronised last micro-batch measures the final gradients."""
+
+    def __init__(self, ddp_model: Any, order: float):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        devices = {p.device.type for p in ddp_model.parameters() if p.requires_grad}
+        if devices != {"cpu"}:
+            raise ValueError(
+                f"measure_in_backward=<DistributedDataParallel>: gradients on {sorted(devices)}; measuring "
+                "reduced buckets is done for CPU gradients only (on CUDA the norm would have to come back to the "
+                "host inside the communication hook); use measure_in_backward=False there")
+        self._order = order
+        self._allreduce = default_hooks.allreduce_hook
+        self._measured: Dict[int, Measured] = {}
+        self._fresh: Dict[int, Tuple[Any, Any, float, bool]] = {}  # measured, not sealed yet
+        self._sealing = False
+        self._active = True
+        try:
+            ddp_model.register_comm_hook(ddp_model.process_group, self._hook)
+        except RuntimeError as e:
+            raise ValueError(
+                "measure_in_backward=<DistributedDataParallel>: gradclip measures the reduced buckets in a DDP "
+                f"communication hook, and DDP takes one only ({e}); use measure_in_backward=False with a "
+                "communication hook of your own") from None
+        self.hooked = sum(1 for p in ddp_model.parameters() if p.requires_grad)
+
+    def _hook(self, process_group, bucket):  # no annotations: DDP checks them against its own types
+        if not self._active:
+            return self._allreduce(process_group, bucket)
+        if not self._sealing:
+            from torch.autograd import Variable
+
+            self._sealing = True
+            Variable._execution_engine.queue_callback(self._queue_seal)
+        buffer = bucket.buffer()
+        params = bucket.parameters()
+        # Each gradient's place in the flat bucket (bucket.gradients() are views of it).
+        base = buffer.storage_offset()
+        places = [(g.storage_offset() - base, g.numel()) for g in bucket.gradients()]
+
+        def measure(fut: Any) -> Any:
+            reduced = fut.value()
+            flat = reduced[0] if isinstance(reduced, (list, tuple)) else reduced
+            views = [flat.narrow(0, start, n) for start, n in places]
+            n = len(views)
+            cap = _core.limit_calling_thread(1 if flat.numel() * flat.element_size() <= ONE_THREAD_BYTES else 0)
+            try:
+                reduction = _core.reduce(views, order=self._order, nonfinite="propagate",
+                                         group_of_item=np.arange(n, dtype=np.int32), n_groups=n,
+                                         argname="bucket", grad_attr=False, items=None)
+                rows = reduction.group_partials()
+                r = reduction.finish(kind="none", limits=[], eps=0.0, nonfinite="propagate", combined=None,
+                                     per_tensor=True, report=True, result_f64=None)
+            finally:
+                _core.limit_calling_thread(cap)
+            norms = r.norms.tolist()
+            bad = set(r.nonfinite_indices.tolist())
+            for i, p in enumerate(params):
+                self._fresh[id(p)] = (p, rows[i], norms[i], i in bad)
+            return flat
+
+        return self._allreduce(process_group, bucket).then(measure)
+
+    def _queue_seal(self) -> None:
+        from torch.autograd import Variable
+
+        # Still before DDP's finalize (queued after this one): queue the seal behind it.
+        Variable._execution_engine.queue_callback(self._seal)
+
+    def _seal(self) -> None:
+        self._sealing = False
+        for key, (p, row, norm, nonfinite) in self._fresh.items():
+            grad = p.grad
+            if grad is not None:
+                self._measured[key] = (grad, grad._version, row, norm, nonfinite)
+        self._fresh.clear()
+
+    def remove(self) -> None:
+        # DDP cannot unregister a communication hook: this one goes back to the plain all-reduce.
+        self._active = False
+        self._fresh.clear()
         self._measured.clear()

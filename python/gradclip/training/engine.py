@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _core, _device, _seam, distributed
 from .._inputs import torch_scalar
-from .backward_norms import BackwardNorms
+from .backward_norms import Measurements
 from .options import KIND_OF_OPTION, ClipOptions
 from .records import NonfiniteGradientError, StepRecord
 
@@ -66,7 +66,7 @@ class Engine:
         return self._record(step, r, names, clip_coef=clip_coef, clipped=r.written, skipped=held)
 
     def measure(self, params: Sequence[Any], names: Sequence[str], grad_scale: float = 1.0,
-                early: Optional[BackwardNorms] = None):
+                early: Optional[Measurements] = None):
         """The clip's norms without its writes, for a fused optimizer to fold the
         coefficient into its step (one read pass; 'zero' still repairs). The
         gradients may carry a GradScaler's ``grad_scale``; the record is of the
@@ -130,7 +130,7 @@ class Engine:
         return DeviceMeasure(step, names, r.indices, unscaled, norms, unscale, coef, skipped,
                              scale.to(torch.float32))
 
-    def _with_backward_norms(self, params: Sequence[Any], early: BackwardNorms) -> Any:
+    def _with_backward_norms(self, params: Sequence[Any], early: Measurements) -> Any:
         """What ``_core.clip(kind='none', report=True)`` reports, from the norms
         measured during backward plus one fused read of every other gradient: the
         partial power sums of both are folded by the engine (one stack), so the

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from .backward_norms import BackwardNorms
+from .backward_norms import BackwardNorms, ReducedBucketNorms
 from .engine import DeviceMeasure, Engine
 from .. import torch_ops
 from .options import TORCH_EPS, ClipOptions, check_limit, with_clip_options
@@ -37,9 +37,11 @@ class ClipHandle:
     :class:`StepRecord`."""
 
     def __init__(self, optimizer, engine: Engine, named_parameters, on_step, fold: Optional[bool] = None,
-                 measure_in_backward: bool = False):
+                 measure_in_backward: Any = False):
         _refuse_repeated_closures(optimizer)
         self.optimizer = optimizer
+        ddp_model = _ddp_model_or_none(measure_in_backward)
+        measure_in_backward = ddp_model is not None or measure_in_backward is True
         if fold is None:
             fold = _can_fold(optimizer, engine.options) and (measure_in_backward or _fold_pays(optimizer))
         self.fold = fold
@@ -48,7 +50,7 @@ class ClipHandle:
                 "fold=True: the coefficient can be folded only into a fused optimizer step (fused=True Adam, AdamW, "
                 "SGD, Adagrad) under one global_clipnorm limit (no adaptive clipper, per-group limits or "
                 "process_group)")
-        self._backward_norms: Optional[BackwardNorms] = None
+        self._backward_norms: Any = None  # BackwardNorms or ReducedBucketNorms
         if measure_in_backward:
             if not self.fold:
                 raise ValueError(
@@ -58,8 +60,11 @@ class ClipHandle:
             if engine.options.nonfinite == "zero":
                 raise ValueError("measure_in_backward=True: nonfinite='zero' repairs gradients when they are read "
                                  "at the step; use 'propagate', 'error' or 'skip'")
-            self._backward_norms = BackwardNorms(
-                (p for g in optimizer.param_groups for p in g["params"]), engine.options.p)
+            if ddp_model is not None:
+                self._backward_norms = ReducedBucketNorms(ddp_model, engine.options.p)
+            else:
+                self._backward_norms = BackwardNorms(
+                    (p for g in optimizer.param_groups for p in g["params"]), engine.options.p)
         self._to_restore: dict = {}
         self._last: Optional[StepRecord] = None
         self._pending: Optional[DeviceMeasure] = None
@@ -332,6 +337,20 @@ def _fold_pays(optimizer) -> bool:
                    for g in optimizer.param_groups for p in g["params"])
 
 
+def _ddp_model_or_none(measure_in_backward: Any) -> Any:
+    """The DistributedDataParallel model that ``measure_in_backward`` names, None for
+    True or False; anything else is refused."""
+    if measure_in_backward is True or measure_in_backward is False:
+        return None
+    parallel = getattr(sys.modules.get("torch.nn"), "parallel", None)
+    ddp = getattr(parallel, "DistributedDataParallel", None)
+    if ddp is not None and isinstance(measure_in_backward, ddp):
+        return measure_in_backward
+    raise TypeError(
+        f"measure_in_backward: expected True, False or a torch DistributedDataParallel model, got "
+        f"{type(measure_in_backward).__name__}")
+
+
 def _refuse_repeated_closures(optimizer) -> None:
     """An optimizer that calls its closure several times inside step() (a line
     search) recomputes the gradients after the clip ran: nothing can clip them."""
@@ -365,7 +384,7 @@ def attach(
     named_parameters: Optional[Iterable[Tuple[str, Any]]] = None,
     on_step: Optional[Callable[[StepRecord], Any]] = None,
     fold: Optional[bool] = None,
-    measure_in_backward: bool = False,
+    measure_in_backward: Any = False,
     options: ClipOptions,
 ) -> ClipHandle:
     """Clip the gradients of ``optimizer``'s parameters before every
@@ -409,7 +428,10 @@ def attach(
     reads its gradient right after autograd wrote it; the step uses those norms
     while they are still true (same tensor, unchanged since) and reads the rest
     in one call. Under gradient accumulation each backward measures again, so
-    the last micro-batch's (the final gradients') norms are used.
+    the last micro-batch's (the final gradients') norms are used. Under DDP pass
+    the model instead, ``measure_in_backward=ddp_model`` (CPU gradients): a
+    communication hook all-reduces each bucket as DDP's default does and then
+    reads the reduced gradients in it.
 
     Under ``torch.compile(optimizer.step)`` a clip that is torch's rule (one
     ``global_clipnorm``, ``nonfinite='propagate'``, torch's eps, no per-group
