@@ -298,6 +298,31 @@ def _fsdp2(rank, world):
     for a, b, r in zip(ours.parameters(), theirs.parameters(), reference.parameters()):
         torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.full_tensor(), r.detach(), rtol=1e-4, atol=1e-5)
+    # Folded into a fused AdamW step (attach's default there): the norm combined over
+    # the mesh, its coefficient the step's grad_scale; the same training as torch's
+    # clip then the same fused step.
+    folded, plain = _mlp(3), _mlp(3)
+    for m in (folded, plain):
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(m)
+    opt_folded = torch.optim.AdamW(folded.parameters(), lr=0.01, fused=True)
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=0.01, fused=True)
+    handle = gradclip.attach(opt_folded, global_clipnorm=0.05)
+    assert handle.fold
+    for step in range(3):
+        x = torch.randn(8, 12, generator=torch.Generator().manual_seed(300 + 10 * step + rank))
+        for m, o in ((folded, opt_folded), (plain, opt_plain)):
+            o.zero_grad()
+            (m(x).square().mean() * 50).backward()
+        torch_total = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05)
+        opt_folded.step()
+        opt_plain.step()
+        _close(handle.last.total_norm, float(torch_total.full_tensor()), 1e-5, f"step {step}: folded on FSDP2")
+        assert handle.last.clipped
+    for a, b in zip(folded.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=1e-5, atol=1e-6)
     # The drop-in on FSDP2 parameters, as torch's: a DTensor total, the same value.
     x = torch.randn(8, 12, generator=torch.Generator().manual_seed(200 + rank))
     for m in models:
@@ -351,6 +376,24 @@ def _process_groups(rank, world):
     opt.step()
     assert handle.last.skipped, f"rank {rank} did not skip"
     assert torch.equal(w.detach(), torch.zeros(rows, 5)) and torch.equal(bias.detach(), torch.zeros(5))
+    # Folded into a fused step: the coefficient of the norm over the group goes to the
+    # step's grad_scale; the same update as clipping by hand first, and every rank skips.
+    for nan in (False, True):
+        (w, bias), (w_ref, bias_ref) = shard_params(), shard_params()
+        if nan and rank == 0:
+            w.grad[1, 1] = w_ref.grad[1, 1] = float("nan")
+        opt = torch.optim.SGD([w, bias], lr=1.0, fused=True)
+        handle = gradclip.attach(opt, global_clipnorm=0.5, nonfinite="skip", process_group=dist.group.WORLD,
+                                 replicated=[bias])
+        assert handle.fold
+        opt.step()
+        assert handle.last.skipped == nan, rank
+        if nan:
+            assert torch.equal(w.detach(), torch.zeros(rows, 5)) and torch.equal(bias.detach(), torch.zeros(5))
+            continue
+        _close(handle.last.total_norm, reference, 1e-6, "attach's total, folded")
+        torch.testing.assert_close(w.detach(), -w_ref.grad * coef, rtol=2e-6, atol=0.0)
+        torch.testing.assert_close(bias.detach(), -bias_ref.grad * coef, rtol=2e-6, atol=0.0)
 
 
 def _pipeline_groups(rank, world):

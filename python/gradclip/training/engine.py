@@ -37,23 +37,7 @@ class Engine:
         if o.adaptive:
             return self._run_adaptive(params, names, step)
         kind = KIND_OF_OPTION[o.option]
-        r = None
-        if not o.distributed:
-            r = _core.clip(params, kind=kind, limits=limits, group_of_item=pool_of_item, order=o.p, eps=o.eps,
-                           nonfinite=o.nonfinite, argname="parameters", grad_attr=True, report=True,
-                           split_devices=True)
-            if r.items_by_device is not None:
-                if _core.NO_MEMORY not in r.devices:  # several devices: one call takes one
-                    _core.clip(params, kind=kind, limits=limits, order=o.p, argname="parameters", grad_attr=True)
-                r = None  # DTensors: combined over their mesh
-        if r is None:
-            if o.option == "clipnorm":
-                raise ValueError("clipnorm over DTensor gradients is not available yet (each tensor's norm would "
-                                 "need its own combine); use global_clipnorm or clipvalue")
-            r, _ = distributed.combined_clip(params, kind=kind, limits=limits, group_of_item=pool_of_item,
-                                             order=o.p, eps=o.eps, nonfinite=o.nonfinite, argname="parameters",
-                                             grad_attr=True, process_group=o.process_group,
-                                             replicated=o.replicated, report=True)
+        r = self._clip(params, kind, limits, pool_of_item)
         held = self._held(r, names)
         # One factor per pool for a global limit, one per tensor otherwise.
         coefs = r.group_coefs if kind == "global" else r.coefs
@@ -76,11 +60,7 @@ class Engine:
         step = self.steps
         self.steps += 1
         o = self.options
-        if early is None:
-            r = _core.clip(params, kind="none", order=o.p, nonfinite=o.nonfinite, argname="parameters",
-                           grad_attr=True, report=True)
-        else:
-            r = self._with_backward_norms(params, early)
+        r = self._clip(params, "none", [], None) if early is None else self._with_backward_norms(params, early)
         held = self._held(r, names)
         total = float(r.total) / grad_scale
         coef = 1.0 if held else _core.clip_coefficient(o.default_limit, total, o.eps)
@@ -89,6 +69,27 @@ class Engine:
         if grad_scale != 1.0:
             record = dataclasses.replace(record, total_norm=total, _norms=r.norms / grad_scale)
         return record, coef
+
+    def _clip(self, params: Sequence[Any], kind: str, limits: List[float], pool_of_item: Optional[np.ndarray]):
+        """One native call over local gradients, reported; for shards (DTensors, or a
+        process_group) the clip over the ranks, whose norms are combined."""
+        o = self.options
+        if not o.distributed:
+            r = _core.clip(params, kind=kind, limits=limits, group_of_item=pool_of_item, order=o.p, eps=o.eps,
+                           nonfinite=o.nonfinite, argname="parameters", grad_attr=True, report=True,
+                           split_devices=True)
+            if r.items_by_device is None:
+                return r
+            if _core.NO_MEMORY not in r.devices:  # several devices: one call takes one (this raises)
+                _core.clip(params, kind=kind, limits=limits, order=o.p, argname="parameters", grad_attr=True)
+            # DTensors: combined over their mesh
+        if kind == "per_tensor":
+            raise ValueError("clipnorm over DTensor gradients is not available yet (each tensor's norm would "
+                             "need its own combine); use global_clipnorm or clipvalue")
+        r, _ = distributed.combined_clip(params, kind=kind, limits=limits, group_of_item=pool_of_item, order=o.p,
+                                         eps=o.eps, nonfinite=o.nonfinite, argname="parameters", grad_attr=True,
+                                         process_group=o.process_group, replicated=o.replicated, report=True)
+        return r
 
     def measure_on_device(self, params: Sequence[Any], names: Sequence[str], grad_scale: Any = None,
                           found_inf: Any = None) -> Optional["DeviceMeasure"]:

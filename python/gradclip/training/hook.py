@@ -11,7 +11,7 @@ import numpy as np
 
 from .backward_norms import BackwardNorms, ReducedBucketNorms
 from .engine import DeviceMeasure, Engine
-from .. import torch_ops
+from .. import distributed, torch_ops
 from .options import TORCH_EPS, ClipOptions, check_limit, with_clip_options
 from .records import StepRecord, names_by_id
 
@@ -48,8 +48,7 @@ class ClipHandle:
         if self.fold and not _can_fold(optimizer, engine.options):
             raise ValueError(
                 "fold=True: the coefficient can be folded only into a fused optimizer step (fused=True Adam, AdamW, "
-                "SGD, Adagrad) under one global_clipnorm limit (no adaptive clipper, per-group limits or "
-                "process_group)")
+                "SGD, Adagrad) under one fixed global_clipnorm limit (no adaptive clipper or per-group limits)")
         self._backward_norms: Any = None  # BackwardNorms or ReducedBucketNorms
         if measure_in_backward:
             if not self.fold:
@@ -259,6 +258,8 @@ class ClipHandle:
         o = self._engine.options
         if not params or params[0].device.type not in _DEVICE_TYPES or o.nonfinite not in ("propagate", "skip"):
             return False
+        if o.distributed or distributed.is_dtensor(params[0]):
+            return False  # combined over the ranks (distributed.combined_clip), read on the host
         if self._backward_norms is not None and self._backward_norms.hooked:
             return False
         if o.nonfinite == "skip" and self._stateless is not None:
@@ -322,7 +323,7 @@ def _can_fold(optimizer, options) -> bool:
         return False
     if not all(group.get("fused") for group in optimizer.param_groups):
         return False
-    return options.one_global_limit
+    return options.fixed_global_limit
 
 
 def _fold_pays(optimizer) -> bool:

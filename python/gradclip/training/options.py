@@ -39,10 +39,16 @@ class ClipOptions:
         return self.option == "global_clipnorm" and hasattr(self.limit, "update")
 
     @property
+    def fixed_global_limit(self) -> bool:
+        """A fixed ``global_clipnorm``: one coefficient from one norm (combined over
+        the ranks where the gradients are shards), which a fused step can take."""
+        return self.option == "global_clipnorm" and not self.adaptive
+
+    @property
     def one_global_limit(self) -> bool:
-        """A fixed ``global_clipnorm`` over local gradients: one coefficient from one
-        norm, which a fused step or the clip_grad_norm_ op can take as it is."""
-        return self.option == "global_clipnorm" and not self.adaptive and not self.distributed
+        """A fixed ``global_clipnorm`` over local gradients, which the clip_grad_norm_
+        op (no process groups) computes as it is."""
+        return self.fixed_global_limit and not self.distributed
 
     @property
     def distributed(self) -> bool:
