@@ -34,7 +34,9 @@ class StepRecord:
             limits; 1.0 when nothing was scaled; NaN for value clipping and AGC,
             which have no single factor.
         clipped: whether any gradient element was changed.
-        skipped: whether the optimizer step was skipped (``nonfinite='skip'``).
+        skipped: whether the optimizer step was skipped (``nonfinite='skip'``; for
+            attach folded on CUDA also a step that GradScaler's found_inf skipped,
+            which elsewhere makes no record).
         nonfinite_tensors: how many gradients had a NaN or inf norm (before any repair).
         zeroed_elements: how many NaN / inf elements ``nonfinite='zero'`` set to 0.
         threshold: the limit used for an adaptive clipper (AutoClip, ZClip), else NaN.
