@@ -1175,8 +1175,7 @@ def test_folded_attach_steps_without_host_synchronisation(policy, scaled):
             loss = model(x).square().sum()
             (scaler.scale(loss) if scaled and o is opt else loss).backward()
         torch.cuda.synchronize()
-        # 'skip' decides the first step on the host (the optimizer state is made there).
-        torch.cuda.set_sync_debug_mode("error" if step or policy == "propagate" else 0)
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising torch call raises
         try:
             if scaled:
                 scaler.step(opt)

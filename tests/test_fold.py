@@ -72,8 +72,9 @@ def test_folded_clip_equals_clip_then_step(name, dtype, path):
         # them back: after step() they read as the clipped gradients.
         for a, b in zip(ours.parameters(), ref.parameters()):
             torch.testing.assert_close(a.grad, b.grad, **TOLERANCE[dtype])
-        assert getattr(opt, "grad_scale", None) is None  # nothing left behind
-        assert getattr(opt, "found_inf", None) is None
+        # Nothing left behind: absent stays absent (GradScaler multiplies by
+        # getattr(opt, "grad_scale", 1), which None would break).
+        assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
     _assert_params_close(ours, ref, dtype)
 
 
@@ -209,9 +210,8 @@ def test_device_path_reads_nothing_back(monkeypatch, policy, scaled):
                 scaler.step(opt)
             else:
                 opt.step()
-        if step > 0 or policy == "propagate":  # 'skip' decides its first step on the host (state is made there)
-            assert reads.seen == [], (step, reads.seen)
-            assert handle._pending is not None
+        assert reads.seen == [], (step, reads.seen)
+        assert handle._pending is not None
         if scaled:
             scaler.update()
         record = handle.last  # made now
@@ -248,16 +248,17 @@ def test_device_path_skip_leaves_parameters_and_state_alone(monkeypatch, name):
     for step in range(6):
         opt.zero_grad()
         _loss(ours, step).backward()
-        bad = step in (0, 3)  # the first step is decided on the host, the fourth on the device
+        bad = step in (0, 3)  # skipped on the first step (made state or not) and on a later one
         if bad:
             ours[2].bias.grad[1] = float("inf")
             before = [p.detach().clone() for p in ours.parameters()]
             state = {k: v.clone() for p in ours.parameters() for k, v in opt.state[p].items()
                      if isinstance(v, torch.Tensor)} if step else {}
         opt.step()
-        # The first step is decided on the host (its state is made there), except for
-        # Adagrad, which makes its state in its constructor.
-        assert (handle._pending is not None) == (step > 0 or name == "Adagrad")
+        # SGD decides on the host until a step has made its momentum buffers (the
+        # skipped first one did not: the second); the others' state is zeroed before
+        # their kernel, or made at once.
+        assert (handle._pending is not None) == (step > 1 or name != "SGD")
         assert handle.last.skipped == bad and handle.last.nonfinite_tensors == int(bad)
         assert getattr(opt, "found_inf", None) is None
         if bad:
@@ -270,3 +271,22 @@ def test_device_path_skip_leaves_parameters_and_state_alone(monkeypatch, name):
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
         ref_opt.step()
     _assert_params_close(ours, ref, torch.float32)
+
+
+def test_device_path_takes_a_scalers_one_element_tensors(monkeypatch):
+    """ShardedGradScaler's found_inf has shape (1,); what a scaler set is put back as it was."""
+    monkeypatch.setattr(hook, "_DEVICE_TYPES", ("cuda", "cpu"))
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    handle = gradclip.attach(opt, global_clipnorm=0.05, nonfinite="skip")
+    for step in range(2):
+        opt.zero_grad()
+        _loss(model, step).backward()
+        scale, found = torch.full((1,), 4.0), torch.zeros(1)
+        for p in model.parameters():
+            p.grad.mul_(4.0)  # as scaled by the scaler
+        opt.grad_scale, opt.found_inf = scale, found
+        opt.step()
+        assert opt.grad_scale is scale and opt.found_inf is found
+        assert handle.last.clipped and not handle.last.skipped
+        del opt.grad_scale, opt.found_inf

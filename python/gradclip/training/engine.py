@@ -114,7 +114,12 @@ class Engine:
             total = torch_scalar(torch, r.total, r, device)
             norms = torch.from_numpy(r.norms).to(total.dtype)
         # float64 from here on, as the host path (clip_coefficient) computes; the
-        # optimizer reads a float32 grad_scale.
+        # optimizer reads a float32 grad_scale. A scaler's tensors may have shape (1,)
+        # (ShardedGradScaler's found_inf): 0-d here.
+        if grad_scale is not None:
+            grad_scale = grad_scale.reshape(())
+        if found_inf is not None:
+            found_inf = found_inf.reshape(())
         unscale = None if grad_scale is None else 1.0 / grad_scale.double()
         unscaled = total.double() if unscale is None else total.double() * unscale
         coef = torch.clamp(o.default_limit / (unscaled + o.eps), max=1.0)  # NaN stays NaN, as clip_coefficient

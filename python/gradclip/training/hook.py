@@ -67,8 +67,8 @@ class ClipHandle:
         self._to_restore: dict = {}
         self._last: Optional[StepRecord] = None
         self._pending: Optional[DeviceMeasure] = None
-        # Parameters that may still lack optimizer state (see _stays_on_device); None: none do.
-        self._stateless: Optional[list] = None
+        # Parameters whose momentum buffer may not exist yet (see _stays_on_device); None: none.
+        self._momentum_pending: Optional[list] = None
         self._engine = engine
         self._on_step = on_step
         self._named = names_by_id(named_parameters)
@@ -159,7 +159,7 @@ class ClipHandle:
             self._names = [self._named.get(id(p)) or fallback[i] for i, p in enumerate(params)]
             self._group_of_item = np.asarray(group_of_item, dtype=np.int32)
             self._layout_key = key
-            self._stateless = list(params)
+            self._momentum_pending = _momentum_to_make(self.optimizer)
             if not self._engine.options.distributed:
                 _refuse_flat_shards(params)
         options = self._engine.options
@@ -251,10 +251,11 @@ class ClipHandle:
     def _stays_on_device(self, optimizer, params) -> bool:
         """Whether this folded clip runs without a host sync: CUDA gradients, a policy
         that needs no host decision ('error' raises, 'zero' counts), no norms measured
-        during backward, and under 'skip' every parameter's optimizer state made
-        already: a skipped first step would leave it uninitialised (torch's fused SGD
-        allocates its momentum buffers with empty_like and lets the kernel, which a set
-        found_inf stops, fill them), so that step decides on the host."""
+        during backward, and under 'skip' no momentum buffer still to be made: torch's
+        fused SGD allocates them with empty_like on a parameter's first step and lets
+        the kernel, which a set found_inf stops, fill them, so a step skipped there would
+        leave them uninitialised; such a step decides on the host. (Adam and AdamW
+        zero their state before the kernel; Adagrad makes it in its constructor.)"""
         o = self._engine.options
         if not params or params[0].device.type not in _DEVICE_TYPES or o.nonfinite not in ("propagate", "skip"):
             return False
@@ -262,10 +263,11 @@ class ClipHandle:
             return False  # combined over the ranks (distributed.combined_clip), read on the host
         if self._backward_norms is not None and self._backward_norms.hooked:
             return False
-        if o.nonfinite == "skip" and self._stateless is not None:
-            state = optimizer.state
-            self._stateless = [p for p in self._stateless if p not in state] or None
-            return self._stateless is None or not any(p.grad is not None for p in self._stateless)
+        if o.nonfinite == "skip" and self._momentum_pending is not None:
+            state = optimizer.state  # a defaultdict: .get() does not add entries
+            self._momentum_pending = [p for p in self._momentum_pending
+                                      if "momentum_buffer" not in state.get(p, ())] or None
+            return self._momentum_pending is None or not any(p.grad is not None for p in self._momentum_pending)
         return True
 
 
@@ -298,15 +300,22 @@ class ClipHandle:
 
     def _hand_to_step(self, optimizer, **attributes) -> None:
         """Set the fused step's grad_scale (and found_inf), remembering what they were
-        (a GradScaler's, or nothing) to put back after the step."""
+        (a GradScaler's, or absent) to put back after the step."""
         for name, value in attributes.items():
-            self._to_restore.setdefault(name, getattr(optimizer, name, None))
+            self._to_restore.setdefault(name, optimizer.__dict__.get(name, _ABSENT))
             setattr(optimizer, name, value)
 
     def _restore_step_attributes(self) -> None:
         for name, value in self._to_restore.items():
-            setattr(self.optimizer, name, value)
+            if value is _ABSENT:
+                # Absent, not None: GradScaler computes `scale * getattr(opt, "grad_scale", 1)`.
+                self.optimizer.__dict__.pop(name, None)
+            else:
+                setattr(self.optimizer, name, value)
         self._to_restore.clear()
+
+
+_ABSENT = object()
 
 
 # Devices whose folded clip keeps its numbers there (no host sync); the tests add
@@ -324,6 +333,15 @@ def _can_fold(optimizer, options) -> bool:
     if not all(group.get("fused") for group in optimizer.param_groups):
         return False
     return options.fixed_global_limit
+
+
+def _momentum_to_make(optimizer) -> Optional[list]:
+    """The parameters of an SGD optimizer's groups with momentum, whose fused step
+    makes their momentum buffers uninitialised on their first step (None: none)."""
+    sgd = getattr(sys.modules.get("torch.optim"), "SGD", None)
+    if sgd is None or not isinstance(optimizer, sgd):
+        return None
+    return [p for g in optimizer.param_groups if g.get("momentum", 0) != 0 for p in g["params"]] or None
 
 
 def _fold_pays(optimizer) -> bool:
