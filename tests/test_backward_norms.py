@@ -116,6 +116,10 @@ def test_refused_where_nothing_folds_and_with_zero():
     with pytest.raises(ValueError, match="nonfinite='zero'"):
         gradclip.attach(torch.optim.SGD(m.parameters(), lr=0.1, fused=True), global_clipnorm=1.0,
                         nonfinite="zero", measure_in_backward=True)
+    # Over a process group the norm is combined at the step: local measurements cannot be.
+    with pytest.raises(ValueError, match="measure_in_backward: with process_group= the norm is combined"):
+        gradclip.attach(torch.optim.SGD(m.parameters(), lr=0.1, fused=True), global_clipnorm=1.0,
+                        process_group=object(), measure_in_backward=True)
     # True, False, or the DistributedDataParallel model whose buckets are measured.
     with pytest.raises(TypeError, match="measure_in_backward: expected True, False or a torch "
                                         "DistributedDataParallel model, got Sequential"):

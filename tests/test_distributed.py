@@ -394,6 +394,17 @@ def _process_groups(rank, world):
         _close(handle.last.total_norm, reference, 1e-6, "attach's total, folded")
         torch.testing.assert_close(w.detach(), -w_ref.grad * coef, rtol=2e-6, atol=0.0)
         torch.testing.assert_close(bias.detach(), -bias_ref.grad * coef, rtol=2e-6, atol=0.0)
+    # A found_inf (as a GradScaler sets it) on one rank only: that rank must still take
+    # part in the norm's collective (else the other waits forever); its fused step then
+    # skips the update, the other's does not.
+    w, bias = shard_params()
+    opt = torch.optim.SGD([w, bias], lr=1.0, fused=True)
+    handle = gradclip.attach(opt, global_clipnorm=0.5, process_group=dist.group.WORLD, replicated=[bias])
+    opt.found_inf = torch.full((), 1.0 if rank == 0 else 0.0)
+    opt.step()
+    del opt.found_inf
+    _close(handle.last.total_norm, reference, 1e-6, "attach's total beside a found_inf")
+    assert torch.equal(w.detach(), torch.zeros(rows, 5)) == (rank == 0)
 
 
 def _pipeline_groups(rank, world):
@@ -492,6 +503,49 @@ def _ddp_measured_buckets(rank, world):
         early.remove()
         plain.remove()
         del ddp, opts
+    # find_unused_parameters: a layer the forward skips keeps its old .grad (DDP does
+    # not write it), different on each rank; the bucket held something else, so its
+    # measurement must not be used. Then: remove() and a new attach() on the same
+    # model take the hook up again; two at once are refused; Join's all-reduce of a
+    # rank out of inputs runs outside backward and is not measured.
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(9)
+            self.body, self.unused = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.body(x)
+
+    ddp = [DistributedDataParallel(Branchy(), find_unused_parameters=True) for _ in range(2)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in ddp]
+    early = gradclip.attach(opts[0], global_clipnorm=0.05, measure_in_backward=ddp[0])
+    plain = gradclip.attach(opts[1], global_clipnorm=0.05)
+    for step in range(3):
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(7 * step + rank))
+        for m in ddp:
+            m.module.unused.weight.grad = torch.full((64, 64), 1.0 + rank + step)  # stale, this rank's own
+            (m(x) * 10).square().mean().backward()
+        for o in opts:
+            o.step()
+        _close(early.last.total_norm, plain.last.total_norm, 1e-12, f"find_unused step {step}")
+    early.remove()
+    again = gradclip.attach(opts[0], global_clipnorm=0.05, measure_in_backward=ddp[0])
+    with pytest.raises(ValueError, match="already measured for another attach"):
+        gradclip.attach(opts[1], global_clipnorm=0.05, measure_in_backward=ddp[0])
+    from torch.distributed.algorithms.join import Join
+
+    batches = 2 + rank  # uneven: rank 0 joins early and shadows the others' all-reduces
+    with Join([ddp[0]]):
+        for step in range(batches):
+            x = torch.randn(5, 64, generator=torch.Generator().manual_seed(50 + step))
+            opts[0].zero_grad()
+            (ddp[0](x) * 10).square().mean().backward()
+            opts[0].step()
+            assert again.last.clipped
+    again.remove()
+    plain.remove()
+    del ddp, opts
     # Refusals: the plain hooks among ranks, a DDP model with a hook of its own.
     model = DistributedDataParallel(big_mlp())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)

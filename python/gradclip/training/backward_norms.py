@@ -5,6 +5,8 @@ read by its communication hook, right after the all-reduce (the final gradient).
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -110,20 +112,37 @@ class BackwardNorms(Measurements):
         self._measured.clear()
 
 
+class _Pass:
+    """One backward's bucket measurements, until sealed."""
+
+    def __init__(self, task: int, spoiled: bool):
+        self.task = task  # the autograd graph task whose callbacks seal it
+        self.spoiled = spoiled  # nothing of it is used
+        self.before: Dict[int, Tuple[Any, Optional[int]]] = {}  # id(p) -> (.grad, its version) at the hook
+        self.fresh: Dict[int, Tuple[Any, Any, float, bool]] = {}  # id(p) -> (p, row, norm, nonfinite)
+
+
 class ReducedBucketNorms(Measurements):
-    """A DDP communication hook that all-reduces each bucket as DDP's default does
-    (torch's ``allreduce_hook``: divide by the group's size, then sum), then reads
-    every gradient's power sum in the reduced bucket, one native call a bucket, in
-    the all-reduce's completion callback (on the communication thread).
+    """A DDP communication hook that all-reduces each bucket as torch's
+    ``allreduce_hook`` does (divide by the group's size, then sum), then reads every
+    gradient's power sum in the reduced bucket, one native call a bucket, in the
+    all-reduce's completion callback (on the communication thread).
 
     What the step uses must be the gradient the optimizer will read: DDP copies the
     reduced bucket into ``.grad`` (or makes ``.grad`` a view of it) in its finalize,
     a callback the autograd engine runs at the end of backward, after callbacks
     queued before it. So the measurements are sealed (paired with each ``.grad``
     and its version, as in one process) by a callback queued from a callback that
-    was queued in the first bucket's hook: it runs after DDP's finalize. Under
-    ``no_sync()`` (gradient accumulation) no bucket is reduced and nothing is
-    measured; the synchronised last micro-batch measures the final gradients."""
+    was queued in the first bucket's hook: it runs after DDP's finalize. A gradient
+    that finalize did not write (a globally unused parameter keeps its old ``.grad``:
+    same tensor, same version as when its bucket was handed over) is not sealed.
+    Under ``no_sync()`` (gradient accumulation) no bucket is reduced and nothing is
+    measured; the synchronised last micro-batch measures the final gradients.
+
+    Not measured, read at the step instead: the all-reduce a joined rank runs
+    outside backward (``Join``); a backward whose buckets are handed over in two
+    autograd graph tasks (reentrant checkpointing), whose seal could run before
+    DDP's finalize; a bucket whose measurement raised (a warning says why)."""
 
     def __init__(self, ddp_model: Any, order: float):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -134,74 +153,121 @@ class ReducedBucketNorms(Measurements):
                 f"measure_in_backward=<DistributedDataParallel>: gradients on {sorted(devices)}; measuring "
                 "reduced buckets is done for CPU gradients only (on CUDA the norm would have to come back to the "
                 "host inside the communication hook); use measure_in_backward=False there")
-        self._order = order
         self._allreduce = default_hooks.allreduce_hook
+        self._active = False
+        self._warned = False
+        self.hooked = sum(1 for p in ddp_model.parameters() if p.requires_grad)
+        self._reset(order)
+
+    def _reset(self, order: float) -> None:
+        self._order = order
         self._measured: Dict[int, Measured] = {}
-        self._fresh: Dict[int, Tuple[Any, Any, float, bool]] = {}  # measured, not sealed yet
-        self._sealing = False
-        self._active = True
+        self._pass: Optional[_Pass] = None
+
+    @classmethod
+    def of(cls, ddp_model: Any, order: float) -> "ReducedBucketNorms":
+        """The measurements of ``ddp_model``'s buckets: its hook is registered once
+        (DDP takes one communication hook and cannot unregister it), and taken up
+        again by a later attach() after the first was removed."""
+        held = _BY_MODEL.get(ddp_model)
+        if held is not None:
+            if held._active:
+                raise ValueError(
+                    "measure_in_backward=<DistributedDataParallel>: this model's buckets are already measured for "
+                    "another attach(); remove() that one first")
+            held._reset(order)
+            held._active = True
+            return held
+        norms = cls(ddp_model, order)
         try:
-            ddp_model.register_comm_hook(ddp_model.process_group, self._hook)
+            ddp_model.register_comm_hook(ddp_model.process_group, norms._hook)
         except RuntimeError as e:
             raise ValueError(
                 "measure_in_backward=<DistributedDataParallel>: gradclip measures the reduced buckets in a DDP "
                 f"communication hook, and DDP takes one only ({e}); use measure_in_backward=False with a "
                 "communication hook of your own") from None
-        self.hooked = sum(1 for p in ddp_model.parameters() if p.requires_grad)
+        norms._active = True
+        _BY_MODEL[ddp_model] = norms
+        return norms
 
     def _hook(self, process_group, bucket):  # no annotations: DDP checks them against its own types
-        if not self._active:
-            return self._allreduce(process_group, bucket)
-        if not self._sealing:
-            from torch.autograd import Variable
+        import torch
 
-            self._sealing = True
-            Variable._execution_engine.queue_callback(self._queue_seal)
-        buffer = bucket.buffer()
+        task = torch._C._current_graph_task_id()
+        if not self._active or task == -1:  # removed, or outside backward (a joined rank's all-reduce)
+            return self._allreduce(process_group, bucket)
+        current = self._pass
+        if current is None or current.task != task:
+            # An unsealed pass of another graph task: a nested (reentrant) backward, or one
+            # that raised. Neither it nor this one is used.
+            if current is not None:
+                current.spoiled = True
+            current = self._pass = _Pass(task, spoiled=current is not None)
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._queue_seal(current))
         params = bucket.parameters()
+        for p in params:
+            grad = p.grad
+            current.before[id(p)] = (grad, None if grad is None else grad._version)
         # Each gradient's place in the flat bucket (bucket.gradients() are views of it).
-        base = buffer.storage_offset()
+        base = bucket.buffer().storage_offset()
         places = [(g.storage_offset() - base, g.numel()) for g in bucket.gradients()]
 
         def measure(fut: Any) -> Any:
             reduced = fut.value()
             flat = reduced[0] if isinstance(reduced, (list, tuple)) else reduced
-            views = [flat.narrow(0, start, n) for start, n in places]
-            n = len(views)
-            cap = _core.limit_calling_thread(1 if flat.numel() * flat.element_size() <= ONE_THREAD_BYTES else 0)
             try:
-                reduction = _core.reduce(views, order=self._order, nonfinite="propagate",
-                                         group_of_item=np.arange(n, dtype=np.int32), n_groups=n,
-                                         argname="bucket", grad_attr=False, items=None)
-                rows = reduction.group_partials()
-                r = reduction.finish(kind="none", limits=[], eps=0.0, nonfinite="propagate", combined=None,
-                                     per_tensor=True, report=True, result_f64=None)
-            finally:
-                _core.limit_calling_thread(cap)
-            norms = r.norms.tolist()
-            bad = set(r.nonfinite_indices.tolist())
-            for i, p in enumerate(params):
-                self._fresh[id(p)] = (p, rows[i], norms[i], i in bad)
+                self._measure(current, params, [flat.narrow(0, start, n) for start, n in places], flat)
+            except Exception as e:  # a failed measurement must not fail DDP's reduction: read at the step
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"gradclip measure_in_backward: a DDP bucket could not be measured ({e}); its "
+                                  "gradients are read at the step", stacklevel=1)
             return flat
 
         return self._allreduce(process_group, bucket).then(measure)
 
-    def _queue_seal(self) -> None:
+    def _measure(self, current: _Pass, params: List[Any], views: List[Any], flat: Any) -> None:
+        n = len(views)
+        cap = _core.limit_calling_thread(1 if flat.numel() * flat.element_size() <= ONE_THREAD_BYTES else 0)
+        try:
+            reduction = _core.reduce(views, order=self._order, nonfinite="propagate",
+                                     group_of_item=np.arange(n, dtype=np.int32), n_groups=n,
+                                     argname="bucket", grad_attr=False, items=None)
+            rows = reduction.group_partials()
+            r = reduction.finish(kind="none", limits=[], eps=0.0, nonfinite="propagate", combined=None,
+                                 per_tensor=True, report=True, result_f64=None)
+        finally:
+            _core.limit_calling_thread(cap)
+        bad = set(r.nonfinite_indices.tolist())
+        for i, norm in zip(r.indices.tolist(), r.norms.tolist()):
+            current.fresh[id(params[i])] = (params[i], rows[i], norm, i in bad)
+
+    def _queue_seal(self, current: _Pass) -> None:
         from torch.autograd import Variable
 
         # Still before DDP's finalize (queued after this one): queue the seal behind it.
-        Variable._execution_engine.queue_callback(self._seal)
+        Variable._execution_engine.queue_callback(lambda: self._seal(current))
 
-    def _seal(self) -> None:
-        self._sealing = False
-        for key, (p, row, norm, nonfinite) in self._fresh.items():
+    def _seal(self, current: _Pass) -> None:
+        if self._pass is current:
+            self._pass = None
+        if current.spoiled or not self._active:
+            return
+        for key, (p, row, norm, nonfinite) in list(current.fresh.items()):
             grad = p.grad
-            if grad is not None:
-                self._measured[key] = (grad, grad._version, row, norm, nonfinite)
-        self._fresh.clear()
+            if grad is None:
+                continue
+            before, version = current.before.get(key, (None, None))
+            if before is grad and version == grad._version:
+                continue  # finalize did not write it: the bucket held something else
+            self._measured[key] = (grad, grad._version, row, norm, nonfinite)
 
     def remove(self) -> None:
-        # DDP cannot unregister a communication hook: this one goes back to the plain all-reduce.
+        # DDP cannot unregister a communication hook: it goes back to the plain all-reduce
+        # until a later attach() on the same model takes it up again (ReducedBucketNorms.of).
         self._active = False
-        self._fresh.clear()
+        self._pass = None
         self._measured.clear()
+
+
+_BY_MODEL: "weakref.WeakKeyDictionary[Any, ReducedBucketNorms]" = weakref.WeakKeyDictionary()

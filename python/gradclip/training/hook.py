@@ -59,8 +59,13 @@ class ClipHandle:
             if engine.options.nonfinite == "zero":
                 raise ValueError("measure_in_backward=True: nonfinite='zero' repairs gradients when they are read "
                                  "at the step; use 'propagate', 'error' or 'skip'")
+            if engine.options.distributed:
+                raise ValueError(
+                    "measure_in_backward: with process_group= the norm is combined over the ranks at the step, "
+                    "which measurements of local gradients during backward cannot be; leave measure_in_backward "
+                    "out")
             if ddp_model is not None:
-                self._backward_norms = ReducedBucketNorms(ddp_model, engine.options.p)
+                self._backward_norms = ReducedBucketNorms.of(ddp_model, engine.options.p)
             else:
                 self._backward_norms = BackwardNorms(
                     (p for g in optimizer.param_groups for p in g["params"]), engine.options.p)
@@ -224,10 +229,13 @@ class ClipHandle:
                 if self._on_step is not None:
                     self._on_step(self.last)
                 return
-        if found_inf is not None and float(found_inf) != 0.0:
+        # GradScaler found infs: this fused optimizer's step will skip the update itself.
+        # Not over a process group: there each rank's found_inf is its own, and a rank
+        # returning here would leave the others waiting in the norm's collective.
+        if found_inf is not None and not self._engine.options.distributed and float(found_inf) != 0.0:
             if self._backward_norms is not None:
                 self._backward_norms.clear()
-            return  # GradScaler found infs: this fused optimizer's step will skip the update itself
+            return
         if self.fold and pools is None:
             record = self._fold_into_step(optimizer, params, scale)
         else:
