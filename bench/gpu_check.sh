@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass over gradclip's CUDA backend on a GPU machine without network access:
 # build (sm_90 only, to be quick), build info, the CUDA tests, the whole suite,
-# a CUDA benchmark, and Nsight Compute's DRAM traffic of one clip_grad_norm_ call
+# a CUDA benchmark (and its step mode: the clip folded into a fused AdamW step), and Nsight Compute's DRAM traffic of one clip_grad_norm_ call
 # with nothing to clip (bench/gpu_unclipped.py; torch and a clipping call beside it).
 #
 #   bash bench/gpu_check.sh        # from anywhere; outputs under $OUT if set, else /tmp/gradclip-gpu-check
@@ -171,10 +171,15 @@ if [ -n "${GPU_CHECK_BENCH_ARGS:-}" ]; then
 else
   BENCH_ARGS=(--workload tiny-2000,transformer-64m,gpt2-small,single-64m,llama-1b --dtype fp32,bf16,fp16
               --mode norm-clip,norm-noclip,value-clip --contender gradclip,torch_foreach,torch_loop
-              --compile-max-tensors 0 --repeat 10 --warmup 2)  # the step mode would not fit the time budget
+              --compile-max-tensors 0 --repeat 10 --warmup 2)
 fi
-step bench 150 75 $PY -m gradclip bench --device cuda "${BENCH_ARGS[@]}" --no-progress \
+step bench 150 135 $PY -m gradclip bench --device cuda "${BENCH_ARGS[@]}" --no-progress \
   --out "$OUTDIR/bench" --name gpu_check_cuda || true
+# The clip folded into a fused AdamW step (attach), against torch's clip + the same step
+# and the step alone: two workloads only, to fit the budget.
+step bench_step 60 75 $PY -m gradclip bench --device cuda --mode step --workload gpt2-small,transformer-64m \
+  --dtype fp32,bf16 --contender gradclip,torch_foreach,no_clip --repeat 10 --warmup 2 --no-progress \
+  --out "$OUTDIR/bench" --name gpu_check_cuda_step || true
 
 # ---- Nsight Compute: DRAM bytes of one call ----------------------------------
 rm -f "$OUTDIR"/ncu_*.csv

@@ -197,6 +197,16 @@ def build(name: str, case: Case, torch: Any, options: Options) -> Built:
     raise ValueError(f"unknown contender {name!r}")
 
 
+class _LastTotal:
+    """The total norm of an attach() handle's latest record, read when converted to float."""
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+
+    def __float__(self) -> float:
+        return self._handle.last.total_norm
+
+
 def _build_step(name: str, case: Case, torch: Any) -> Built:
     """One clipped optimizer step; returns the total norm the clip saw (None for
     ``no_clip``)."""
@@ -209,10 +219,11 @@ def _build_step(name: str, case: Case, torch: Any) -> Built:
         import gradclip
 
         handle = gradclip.attach(opt, global_clipnorm=limit)
+        last_total = _LastTotal(handle)
 
         def gradclip_step():
             opt.step()
-            return handle.last.total_norm
+            return last_total  # read by the check only: on CUDA the record waits for the device
 
         return Built(gradclip_step)
     if name in ("torch_foreach", "torch_loop"):
