@@ -193,7 +193,8 @@ class ReducedBucketNorms(Measurements):
     def _hook(self, process_group, bucket):  # no annotations: DDP checks them against its own types
         import torch
 
-        task = torch._C._current_graph_task_id()
+        graph_task = getattr(torch._C, "_current_graph_task_id", None)  # torch >= 2.0
+        task = graph_task() if graph_task is not None else 0
         if not self._active or task == -1:  # removed, or outside backward (a joined rank's all-reduce)
             return self._allreduce(process_group, bucket)
         current = self._pass
@@ -203,7 +204,11 @@ class ReducedBucketNorms(Measurements):
             if current is not None:
                 current.spoiled = True
             current = self._pass = _Pass(task, spoiled=current is not None)
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._queue_seal(current))
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._queue_seal(current))
+            except RuntimeError:  # not in backward after all (a torch that cannot tell): nothing to seal
+                self._pass = None
+                return self._allreduce(process_group, bucket)
         params = bucket.parameters()
         for p in params:
             grad = p.grad
