@@ -557,6 +557,33 @@ def _ddp_measured_buckets(rank, world):
     del model, opt
 
 
+def _grad_buffer_under_ddp(rank, world):
+    # DDP copies the reduced buckets into the buffer's views (gradient_as_bucket_view=False):
+    # nothing to repair. With bucket views DDP re-points .grad at its buckets each backward:
+    # the buffer copies them back (repairs grow), and the clip is still torch's.
+    from torch.nn.parallel import DistributedDataParallel
+
+    for as_view in (False, True):
+        models = [_mlp(11), _mlp(11)]
+        ddp = [DistributedDataParallel(m, gradient_as_bucket_view=as_view) for m in models]
+        buf = gradclip.GradBuffer(models[0].parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(3):
+                x = torch.randn(6, 12, generator=torch.Generator().manual_seed(10 * step + rank))
+                for m in ddp:
+                    (m(x).square().sum() * 10).backward()
+                total = buf.clip_grad_norm_(0.05)
+                expected = torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.05)
+                _close(float(total), float(expected), 1e-6, f"as_view={as_view} step {step}")
+                for a, b in zip(models[0].parameters(), models[1].parameters()):
+                    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-8)
+                buf.zero_grad()
+                models[1].zero_grad(set_to_none=False)
+        assert (buf.repairs > 0) == as_view, (as_view, buf.repairs)
+        del ddp, buf
+
+
 def _fsdp1(rank, world):
     # FSDP1 hands the optimizer flat local shards (plain tensors): attach refuses
     # to clip them by a local norm, and with process_group= matches FSDP's own
@@ -614,6 +641,10 @@ def test_zero_redundancy_optimizer():
 
 def test_ddp_buckets_measured_in_the_communication_hook():
     run_ranks(2, _ddp_measured_buckets)
+
+
+def test_grad_buffer_under_ddp():
+    run_ranks(2, _grad_buffer_under_ddp)
 
 
 def test_fsdp1_flat_shards_need_the_group():

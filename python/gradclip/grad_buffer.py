@@ -110,9 +110,10 @@ class GradBuffer:
             if not self._warned:
                 self._warned = True
                 warnings.warn(
-                    f"GradBuffer: {copied} gradients were made outside the buffer (zero_grad(set_to_none=True), or "
-                    ".grad assigned) and were copied back, a pass over them at every step; zero with "
-                    "buffer.zero_grad() or optimizer.zero_grad(set_to_none=False) to keep them in place",
+                    f"GradBuffer: {copied} gradients were made outside the buffer (zero_grad(set_to_none=True), "
+                    ".grad assigned, or DDP with gradient_as_bucket_view=True) and were copied back, a pass over "
+                    "them at every step; zero with buffer.zero_grad() or optimizer.zero_grad(set_to_none=False), "
+                    "and leave DDP's gradient_as_bucket_view off, to keep them in place",
                     stacklevel=3)
 
     # -- what users call ----------------------------------------------------------------------
