@@ -5,6 +5,7 @@ read by its communication hook, right after the all-reduce (the final gradient).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -19,7 +20,22 @@ from .. import _core
 # float32 elements (128 KB) up, measuring in the hook is cheaper than at the step.
 MIN_ELEMENTS = 1 << 15
 
+# Gradients up to this size are read on the calling thread alone: a hook runs inside
+# backward, right after the GEMM that made the gradient, while torch's OpenMP workers
+# still spin, and waking gradclip's workers there cost more than it saved (32 x 4 MiB
+# fp32 gradients, 2-core Xeon: +23.9 ms an iteration with the workers, +9.9 ms
+# without); larger ones (16 MiB) read faster with them.
 ONE_THREAD_BYTES = 4 << 20
+
+
+@contextlib.contextmanager
+def _threads_for(nbytes: int):
+    """gradclip's threads for reading ``nbytes`` inside backward (see ONE_THREAD_BYTES)."""
+    cap = _core.limit_calling_thread(1 if nbytes <= ONE_THREAD_BYTES else 0)
+    try:
+        yield
+    finally:
+        _core.limit_calling_thread(cap)
 
 # One measurement: the gradient tensor it read (identity), that tensor's version
 # counter then, its partial power sum row (sum, base), its norm, and whether it was
@@ -59,13 +75,10 @@ class Measurements:
 class BackwardNorms(Measurements):
     """Post-accumulate-grad hooks on the large CPU parameters of ``params``.
 
-    A measurement is used at the step only while it is still true: the same
-    gradient tensor at the same version (an in-place torch op, such as
-    GradScaler's unscale_, bumps the version, and a replaced ``.grad`` is
-    another tensor; a collective writing into it does not, hence no use among
-    several ranks). Each measurement is used once. Under
-    gradient accumulation every micro-batch's backward measures again, so the
-    last one, of the final gradient, is what the step uses."""
+    Not among several ranks: a collective writing into a gradient does not bump its
+    version, so a measurement could not tell it went stale. Under gradient
+    accumulation every micro-batch's backward measures again, so the last one, of
+    the final gradient, is what the step uses."""
 
     def __init__(self, params: Iterable[Any], order: float):
         if not self.usable():
@@ -85,18 +98,10 @@ class BackwardNorms(Measurements):
 
     def _on_gradient(self, param: Any) -> None:
         grad = param.grad
-        # Gradients up to ONE_THREAD_BYTES are read on the calling thread alone: the hook
-        # runs inside backward, right after the GEMM that made the gradient, while torch's
-        # OpenMP workers still spin, and waking gradclip's workers there cost more than it
-        # saved (32 x 4 MiB fp32 gradients, 2-core Xeon: +23.9 ms an iteration with the
-        # workers, +9.9 ms without); larger ones (16 MiB) read faster with them.
-        cap = _core.limit_calling_thread(1 if grad.numel() * grad.element_size() <= ONE_THREAD_BYTES else 0)
-        try:
+        with _threads_for(grad.numel() * grad.element_size()):
             reduction = _core.reduce([param], order=self._order, nonfinite="propagate", group_of_item=None,
                                      n_groups=1, argname="parameters", grad_attr=True, items=None)
             norm, nonfinite = reduction.summary()
-        finally:
-            _core.limit_calling_thread(cap)
         self._measured[id(param)] = (grad, grad._version, reduction.group_partials()[0], norm, nonfinite)
 
     def usable(self) -> bool:
@@ -233,16 +238,13 @@ class ReducedBucketNorms(Measurements):
 
     def _measure(self, current: _Pass, params: List[Any], views: List[Any], flat: Any) -> None:
         n = len(views)
-        cap = _core.limit_calling_thread(1 if flat.numel() * flat.element_size() <= ONE_THREAD_BYTES else 0)
-        try:
+        with _threads_for(flat.numel() * flat.element_size()):
             reduction = _core.reduce(views, order=self._order, nonfinite="propagate",
                                      group_of_item=np.arange(n, dtype=np.int32), n_groups=n,
                                      argname="bucket", grad_attr=False, items=None)
             rows = reduction.group_partials()
             r = reduction.finish(kind="none", limits=[], eps=0.0, nonfinite="propagate", combined=None,
                                  per_tensor=True, report=True, result_f64=None)
-        finally:
-            _core.limit_calling_thread(cap)
         bad = set(r.nonfinite_indices.tolist())
         for i, norm in zip(r.indices.tolist(), r.norms.tolist()):
             current.fresh[id(params[i])] = (params[i], rows[i], norm, i in bad)
